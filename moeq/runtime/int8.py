@@ -59,6 +59,11 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._scale_cache: dict[torch.dtype, torch.Tensor] = {}
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 codes; model code that probes ``layer.weight.dtype`` (T5/Switch) sees int8, as with bitsandbytes."""
+        return self.qweight
+
     def extra_repr(self) -> str:
         k = 0 if self.outlier_idx is None else self.outlier_idx.numel()
         return (f"in={self.in_features}, out={self.out_features}, mode={self.mode}, threshold={self.threshold}, "

@@ -1,0 +1,93 @@
+"""Perplexity / KL of int8 variants on one model, all against the float model measured in the same run.
+
+    python benchmarks/int8_quality.py --model smollm2-135m --windows 64 \
+        --variant default --variant 'threshold=0' --variant 'mode=weight_only'
+
+Each --variant is a comma list of int8 options (key=value; 'none' for null). Prints a table and writes JSON.
+Protocol: gptq, seqlen 512, first N windows of the embedded eval split (see ../shared/anchors/PROTOCOL.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import tempfile
+import time
+
+import torch
+import yaml
+
+from moeq import api
+from moeq.data.corpus import load_text
+from moeq.eval.perplexity import perplexity, tokenize_windows
+from moeq.models.loader import load_model
+from moeq.recipes import Recipe
+
+
+def parse_variant(s: str) -> dict:
+    if s == "default":
+        return {}
+    out = {}
+    for kv in s.split(","):
+        k, v = kv.split("=")
+        out[k] = yaml.safe_load(v) if v != "none" else None
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    base, tok, _ = load_model(a.model)
+    windows = tokenize_windows(tok, load_text("wiki", "eval"), a.seqlen, a.windows)
+    t = time.perf_counter()
+    rb = perplexity(base, windows)
+    print(f"float: ppl {rb.ppl:.4f} ({rb.describe()}) {time.perf_counter() - t:.0f}s", flush=True)
+    rows = [{"variant": "float", "ppl": rb.ppl, "ratio": 1.0, "kl": 0.0}]
+    for v in a.variant or ["default"]:
+        opts = parse_variant(v)
+        recipe = Recipe(model=a.model, method="int8", options=opts)
+        recipe.calibration.samples = a.calib_samples
+        q, cfg = recipe.method_config()
+        calib = api.calibration_ids(tok, recipe) if q.needs_calibration(cfg) else None
+        m = copy.deepcopy(base)
+        d = tempfile.mkdtemp()
+        t = time.perf_counter()
+        res = api.quantize_model(m, f"{d}/art", recipe, tokenizer=tok, source=a.model, calib_ids=calib)
+        tq = time.perf_counter() - t
+        manifest = json.load(open(f"{d}/art/moeq.json"))
+        n_out = sum(len(e.get("parts", [])) and (e["bytes"] > 0) and
+                    (1 if "outlier_idx" in e["parts"] else 0) for e in manifest["tensors"].values())
+        r = perplexity(m, windows, baseline=base)
+        row = {"variant": v, "options": cfg.model_dump(), "ppl": r.ppl, "ratio": r.ppl / rb.ppl, "kl": r.kl_mean,
+               "bits_per_param": res["bits_per_param"], "tensors_with_outlier_cols": n_out,
+               "outlier_cols": _outlier_cols(f"{d}/art"), "quantize_s": round(tq, 1)}
+        rows.append(row)
+        print(f"{v:40s} ppl {r.ppl:.4f} ratio {row['ratio']:.4f} KL {r.kl_mean:.5f} bits {row['bits_per_param']:.3f} "
+              f"outlier cols {row['outlier_cols']} (in {n_out} tensors)", flush=True)
+        shutil.rmtree(d)
+        del m
+    if a.json:
+        json.dump({"model": a.model, "protocol": rb.describe(), "rows": rows}, open(a.json, "w"), indent=1)
+
+
+def _outlier_cols(path) -> int:
+    from safetensors import safe_open
+    import glob
+    n = 0
+    for f in glob.glob(f"{path}/*.safetensors"):
+        with safe_open(f, "pt") as h:
+            n += sum(h.get_slice(k).get_shape()[0] for k in h.keys() if k.endswith(".outlier_idx"))
+    return n
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from moeq.cli.app import main
+
+main()

@@ -1,0 +1,36 @@
+"""moeq command line: ``moeq quantize``, ``moeq eval``, ``moeq inspect``, ``moeq methods``."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from moeq.cli import eval as eval_cmd
+from moeq.cli import inspect as inspect_cmd
+from moeq.cli import methods as methods_cmd
+from moeq.cli import quantize as quantize_cmd
+
+app = typer.Typer(
+    name="moeq",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    help="Compress Mixture-of-Experts language models and measure what it costs.\n\n"
+         "Typical run: [bold]moeq quantize --method int8 -o out/[/] then [bold]moeq eval out/[/].",
+)
+app.command("quantize")(quantize_cmd.quantize)
+app.command("eval")(eval_cmd.evaluate)
+app.command("inspect")(inspect_cmd.inspect)
+app.command("methods")(methods_cmd.methods)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from moeq.cli.common import console, err_console, one_line_errors, write_json
+
+
+@one_line_errors
+def evaluate(
+    model: Annotated[Optional[str], typer.Argument(help="artifact directory, or any model spec (zoo name, "
+                                                        "HF directory, .gguf) [default: tiny-moe]")] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="reference model for KL and ppl ratio "
+                                                         "[default: the artifact's source model]")] = None,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="skip the reference model")] = False,
+    corpus: Annotated[str, typer.Option(help="'wiki' (embedded eval split), a text file, or hf:NAME[:CONFIG]")] = "wiki",
+    protocol: Annotated[str, typer.Option(help="gptq | llamacpp")] = "gptq",
+    seqlen: Annotated[int, typer.Option(help="window length in tokens")] = 512,
+    windows: Annotated[Optional[int], typer.Option(help="evaluate the first N windows [default: 64]")] = 64,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
+    speed: Annotated[bool, typer.Option(help="measure prefill/decode tokens/s")] = True,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write results as JSON ('-' for stdout)")] = None,
+):
+    """Perplexity, mean KL against the float model, speed, memory and bytes/param of a packed model."""
+    from pydantic import ValidationError
+
+    from moeq import api
+    from moeq.errors import MoeqError
+    from moeq.progress import RichReporter
+    from moeq.recipes import EvalSpec
+
+    try:
+        spec = EvalSpec(corpus=corpus, protocol=protocol, seqlen=seqlen, windows=windows, batch_size=batch_size)
+    except ValidationError as e:
+        raise MoeqError(f"eval options: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+    if protocol not in ("gptq", "llamacpp"):
+        raise MoeqError(f"unknown protocol {protocol!r} (gptq | llamacpp)")
+    with RichReporter(err_console) as rep:
+        res = api.evaluate(model, None if no_baseline else baseline, spec, speed=speed, reporter=rep)
+        if no_baseline:
+            pass
+    t = Table(title=f"moeq eval: {model or 'tiny-moe'}  ({res['ppl']['describe']}, corpus {corpus})")
+    t.add_column("metric")
+    t.add_column("moeq", justify="right")
+    t.add_column(f"baseline ({res['baseline']})" if res.get("baseline") else "baseline", justify="right")
+    t.add_column("ratio", justify="right")
+    b = res.get("baseline_ppl")
+    t.add_row("perplexity", f"{res['ppl']['value']:.4f}", f"{b:.4f}" if b else "-",
+              f"{res['ppl_ratio']:.4f}" if b else "-")
+    if res.get("kl_mean") is not None:
+        t.add_row("mean KL (baseline || moeq), nats", f"{res['kl_mean']:.5f}", "", "")
+    if "bits_per_param" in res:
+        t.add_row("bits/param (quantized weights)", f"{res['bits_per_param']:.3f}", "", "")
+        t.add_row("artifact bytes", f"{res['total_bytes']:,}", "", "")
+    sp, bs = res.get("speed"), res.get("baseline_speed")
+    if sp:
+        for k, label in (("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s")):
+            if k in sp:
+                t.add_row(label, f"{sp[k]:.1f}", f"{bs[k]:.1f}" if bs else "-",
+                          f"{sp[k] / bs[k]:.2f}x" if bs else "-")
+    t.add_row("load time, s", f"{res['load_seconds']:.2f}", "", "")
+    t.add_row("peak RSS (process), MB", f"{res['peak_rss_mb']:.0f}", "", "")
+    console.print(t)
+    write_json(json_out, res)

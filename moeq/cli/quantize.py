@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from moeq.cli.common import console, err_console, one_line_errors, write_json
+from moeq.errors import MoeqError
+
+
+@one_line_errors
+def quantize(
+    model: Annotated[Optional[str], typer.Argument(help="zoo name, local HF directory, .gguf file or hub id "
+                                                        "[default: tiny-moe, the embedded model]")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="artifact directory to create")] = Path("out/moeq"),
+    method: Annotated[Optional[str], typer.Option(help="quantization method (see `moeq methods`)")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe; command-line options override it")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="int8: activation outlier threshold, 0 disables the decomposition")] = None,
+    weight_only: Annotated[bool, typer.Option("--weight-only", help="int8: int8 weights, float activations")] = False,
+    smooth: Annotated[Optional[float], typer.Option(help="int8: SmoothQuant alpha; negative turns smoothing off")] = None,
+    act_group: Annotated[Optional[int], typer.Option(help="int8: activation scales per group of N inputs")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-O", help="any method option as key=value")] = None,
+    lm_head: Annotated[bool, typer.Option("--lm-head", help="also quantize the output head")] = False,
+    calib_samples: Annotated[Optional[int], typer.Option(help="calibration windows")] = None,
+    calib_seqlen: Annotated[Optional[int], typer.Option(help="calibration window length in tokens")] = None,
+    calib_data: Annotated[Optional[str], typer.Option(help="'wiki' (embedded, calibration split), a text file or hf:NAME")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the summary as JSON ('-' for stdout)")] = None,
+):
+    """Quantize a model and write a packed, self-describing artifact directory."""
+    import yaml
+
+    from moeq import api
+    from moeq.progress import RichReporter
+    from moeq.recipes import Recipe, load_recipe
+
+    r = load_recipe(recipe) if recipe else Recipe()
+    if model is not None:
+        r.model = model
+    if method is not None:
+        r.method = method
+    opts = dict(r.options)
+    if threshold is not None:
+        opts["threshold"] = threshold
+    if weight_only:
+        opts["mode"] = "weight_only"
+    if smooth is not None:
+        opts["smooth_alpha"] = None if smooth < 0 else smooth
+    if act_group is not None:
+        opts["act_group"] = act_group
+    for kv in option or []:
+        if "=" not in kv:
+            raise MoeqError(f"--option {kv!r}: expected key=value")
+        k, v = kv.split("=", 1)
+        opts[k] = yaml.safe_load(v)
+    r.options = opts
+    r.include_lm_head = r.include_lm_head or lm_head
+    for field, val in (("samples", calib_samples), ("seqlen", calib_seqlen), ("source", calib_data)):
+        if val is not None:
+            setattr(r.calibration, field, val)
+    r = Recipe(**r.model_dump())  # re-validate the merged recipe
+    r.method_config()              # fail on bad options before any loading
+    with RichReporter(err_console) as rep:
+        res = api.quantize(r, output, reporter=rep)
+    t = Table(title=f"moeq quantize: {r.model or 'tiny-moe'} -> {res['path']}", show_header=False)
+    t.add_row("method", f"{r.method} {opts or ''}")
+    t.add_row("quantized tensors", str(res["tensors"]))
+    t.add_row("quantized params", f"{res['quantized_params']:,}")
+    t.add_row("packed bytes", f"{res['quantized_bytes']:,} ({res['bits_per_param']:.3f} bits/param)")
+    t.add_row("kept bytes", f"{res['kept_bytes']:,}")
+    t.add_row("calibration fallbacks", str(res["fallbacks"]))
+    t.add_row("time", f"{res['seconds']:.1f} s")
+    console.print(t)
+    write_json(json_out, res)
