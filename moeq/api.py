@@ -27,9 +27,10 @@ from moeq.registry import CODECS, QUANTIZERS, load_builtins
 # ---------------------------------------------------------------------------------------------------------
 def quantize(recipe: Recipe, out: str | Path, reporter: Reporter = Reporter()) -> dict[str, Any]:
     """Load ``recipe.model``, quantize it with ``recipe.method`` and write the artifact to ``out``."""
-    from moeq.models.loader import load_model
+    from moeq.models.loader import load_model, resolve
     quantizer, cfg = recipe.method_config()
     _check_out(out)
+    resolve(recipe.model)  # a bad path fails here, before any progress display
     with reporter.task("load model", None):
         model, tok, src = load_model(recipe.model)
     calib = calibration_ids(tok, recipe) if quantizer.needs_calibration(cfg) else None
