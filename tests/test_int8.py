@@ -1,0 +1,103 @@
+"""LLM.int8: codec conformance, quantizer conformance, and the runtime's mixed-precision decomposition."""
+
+import torch
+
+from moeq.quant.base import ChannelStats, QTensor
+from moeq.registry import CODECS, QUANTIZERS, load_builtins
+from moeq.runtime.int8 import Int8Linear, quantize_tokens
+from tests.conformance import CodecConformance, QuantizerConformance, sqnr_db
+
+load_builtins()
+Q = QUANTIZERS.get("int8")()
+
+
+def _stats(x, threshold):
+    return ChannelStats(x.shape[0], x.abs().amax(0), (x.abs() >= threshold).sum(0))
+
+
+class TestInt8RowsCodec(CodecConformance):
+    codec = CODECS.get("int8-rows")()
+
+    def make(self, shape, seed):
+        g = torch.Generator().manual_seed(seed)
+        out_f, in_f = shape
+        codes = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+        codes.view(-1)[: min(255, codes.numel())] = torch.arange(-127, 128, dtype=torch.int8)[: min(255, codes.numel())]
+        t = {"qweight": codes, "scale": torch.rand(out_f, generator=g)}
+        if in_f > 2:
+            t["smooth"] = torch.rand(in_f, generator=g) + 0.5
+            k = in_f // 3
+            t["outlier_idx"] = torch.arange(0, in_f, 3, dtype=torch.int32)[:k]
+            t["outlier_w"] = torch.randn(out_f, k, generator=g).half()
+        return QTensor("int8", shape, t, {"mode": "w8a8", "threshold": 6.0, "act_group": 0})
+
+
+class TestInt8Quantizer(QuantizerConformance):
+    quantizer = Q
+    configs = [("w8a8", Q.Config(), 40.0), ("t0", Q.Config(threshold=0), 40.0),
+               ("weight_only", Q.Config(mode="weight_only"), 40.0), ("group64", Q.Config(act_group=32), 40.0)]
+
+    def stats_for(self, cfg, x):
+        return _stats(x, cfg.threshold) if Q.needs_calibration(cfg) else None
+
+
+def _outlier_input(m, k, cols=(3, 50), scale=30.0, seed=0):
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    x[:, list(cols)] *= scale
+    return x
+
+
+def test_systematic_outliers_keep_exact_16bit_columns():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) * 0.02
+    x = _outlier_input(128, 64)
+    q = Q.quantize(w, Q.Config(), _stats(x, 6.0))
+    idx = q.tensors["outlier_idx"].tolist()
+    assert idx == [3, 50]
+    assert torch.equal(q.tensors["outlier_w"], w[:, idx].half())    # the exact columns, not int8 round trips
+    assert torch.equal(q.tensors["qweight"][:, idx], torch.zeros(32, 2, dtype=torch.int8))
+    deq = Q.dequantize(q)
+    assert torch.equal(deq[:, idx], w[:, idx].half().float())
+
+
+def test_decomposition_beats_plain_int8_on_outlier_activations():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.02
+    xc, x = _outlier_input(256, 256, seed=2), _outlier_input(16, 256, seed=3)
+    ref = x @ w.t()
+    err = {}
+    for label, cfg in {"plain": Q.Config(threshold=0, smooth_alpha=None), "decomp": Q.Config(smooth_alpha=None),
+                       "smooth+decomp": Q.Config()}.items():
+        m = Q.module(Q.quantize(w, cfg, _stats(xc, cfg.threshold)), None)
+        err[label] = sqnr_db(ref, m(x))
+    assert err["decomp"] > err["plain"] + 6, err
+    assert err["smooth+decomp"] > err["plain"] + 6, err
+
+
+def test_dynamic_outliers_are_decomposed_at_run_time():
+    """A feature that never exceeded the threshold in calibration but does now is taken out of the int8 GEMM."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4)) * 0.02
+    calm = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(6))
+    x[:, 77] = 60.0
+    cfg = Q.Config(smooth_alpha=None)
+    with_d = Q.module(Q.quantize(w, cfg, _stats(calm, 6.0)), None)
+    no_d = Q.module(Q.quantize(w, Q.Config(threshold=0, smooth_alpha=None), None), None)
+    ref = x @ w.t()
+    assert sqnr_db(ref, with_d(x)) > sqnr_db(ref, no_d(x)) + 10
+
+
+def test_token_quantization_bit_layout():
+    x = torch.tensor([[1.0, -2.0, 0.5, 0.0]])
+    codes, s = quantize_tokens(x)
+    # absmax 2.0 -> scale 2/127: 1.0 -> 63.5 -> 64 (round half to even gives 64), -2.0 -> -127
+    assert codes.tolist() == [[64, -127, 32, 0]]
+    torch.testing.assert_close(s, torch.tensor([[2.0 / 127]]))
+
+
+def test_weight_only_bf16_kernel_matches_fallback():
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(7)) * 0.02
+    m = Q.module(Q.quantize(w, Q.Config(mode="weight_only"), None), None)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
+    fast = m(x.bfloat16()).float()
+    slow = m(x)
+    torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)
+    assert isinstance(m, Int8Linear) and m.weight.dtype == torch.int8
