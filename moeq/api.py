@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import resource
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +30,26 @@ from moeq.registry import CODECS, QUANTIZERS, load_builtins
 # quantize
 # ---------------------------------------------------------------------------------------------------------
 def quantize(recipe: Recipe, out: str | Path, reporter: Reporter = Reporter()) -> dict[str, Any]:
-    """Load ``recipe.model``, quantize it with ``recipe.method`` and write the artifact to ``out``."""
-    from moeq.models.loader import load_model, resolve
+    """Quantize ``recipe.model`` with ``recipe.method`` and write the artifact to ``out``.
+
+    A local safetensors model is streamed: built on the meta device and read one decoder layer at a time from
+    its shards. GGUF files and hub ids are loaded whole (their readers need it), then processed the same way."""
+    from moeq.models.loader import load_config, load_model, load_tokenizer, resolve
+    from moeq.models.stream import CheckpointReader, build_empty
     quantizer, cfg = recipe.method_config()
     _check_out(out)
-    resolve(recipe.model)  # a bad path fails here, before any progress display
-    with reporter.task("load model", None):
-        model, tok, src = load_model(recipe.model)
+    src = resolve(recipe.model)  # a bad path fails here, before any progress display
+    if src.path is not None and src.gguf_file is None:
+        config = load_config(src)
+        reader = CheckpointReader(src.path)
+        model, tok = build_empty(config), load_tokenizer(src)
+    else:
+        with reporter.task("load model", None):
+            model, tok, src = load_model(recipe.model)
+        reader = None
     calib = calibration_ids(tok, recipe) if quantizer.needs_calibration(cfg) else None
-    return quantize_model(model, out, recipe, tokenizer=tok, source=src.spec, calib_ids=calib, reporter=reporter)
+    return quantize_model(model, out, recipe, tokenizer=tok, source=src.spec, calib_ids=calib, reporter=reporter,
+                          reader=reader)
 
 
 def _check_out(out) -> None:
@@ -47,6 +62,8 @@ def calibration_ids(tokenizer, recipe: Recipe) -> torch.Tensor:
     """``samples`` random windows of ``seqlen`` tokens from the calibration text (seeded)."""
     from moeq.data.corpus import load_text
     c = recipe.calibration
+    if tokenizer is None:
+        raise MoeqError("calibration needs a tokenizer and this model has none; use a data-free mode (e.g. --weight-only)")
     text = load_text(c.source, "calib")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if ids.numel() < c.seqlen + 1:
@@ -56,107 +73,198 @@ def calibration_ids(tokenizer, recipe: Recipe) -> torch.Tensor:
     return torch.stack([ids[s:s + c.seqlen] for s in starts.tolist()])
 
 
+@dataclass
+class Group:
+    """What is processed (read, quantized, written, released) together: the base (embeddings, norms, head),
+    then each decoder layer, then quantized weights outside the layers (lm_head)."""
+    label: str
+    prefix: str | None           # module fqn of a decoder layer; None for base / head
+    index: int | None            # decoder layer index
+    targets: list[Target]
+    tensors: list[str]           # state-dict names owned by the group (weights and kept tensors)
+
+
+def plan_groups(model, targets: list[Target]) -> tuple[list[Group], tuple[str, Any] | None]:
+    layers = decoder_layers(model)
+    names = list(model.state_dict(keep_vars=True))
+    if layers is None:
+        return [Group("model", None, None, targets, names)], None
+    prefix, mlist = layers
+    by_layer: dict[int, list[Target]] = {i: [] for i in range(len(mlist))}
+    head = []
+    for t in targets:
+        i = layer_of(t.module, prefix)
+        (by_layer[i] if i is not None else head).append(t)
+    owned = {i: [] for i in by_layer}
+    base = []
+    for n in names:
+        i = layer_of(n.rpartition(".")[0], prefix)
+        (owned[i] if i is not None else base).append(n)
+    groups = [Group("base", None, None, [], base)]
+    groups += [Group(f"layer.{i}", f"{prefix}.{i}", i, by_layer[i], owned[i]) for i in sorted(by_layer)]
+    if head:
+        groups.append(Group("head", None, None, head, []))
+    return groups, layers
+
+
 @torch.no_grad()
 def quantize_model(model, out: str | Path, recipe: Recipe, tokenizer=None, source: str | None = None,
                    calib_ids: torch.Tensor | None = None, reporter: Reporter = Reporter(),
-                   shard_bytes: int | None = None) -> dict[str, Any]:
-    """Quantize an in-memory model decoder layer by decoder layer, write the artifact, and leave ``model``
-    running the packed weights. With ``calib_ids`` every layer is calibrated on the outputs of the
-    already-quantized layers before it."""
+                   reader=None) -> dict[str, Any]:
+    """Quantize decoder layer by decoder layer and write the artifact.
+
+    ``reader`` None: ``model`` is in memory and is left running the packed weights. With a
+    ``CheckpointReader``, ``model`` is a meta-device skeleton: each group is read from the shards, processed,
+    written and released, so peak memory is one layer plus the calibration activations.
+    With ``calib_ids`` every layer is calibrated on the outputs of the already-quantized layers before it.
+    An interrupted run leaves its finished layers in ``.<out>.moeq-tmp``; the same command resumes there."""
+    from moeq.models.stream import materialize, release
     quantizer, cfg = recipe.method_config()
     codec = CODECS.get(quantizer.codec)()
     targets = find_targets(model, recipe.include_lm_head)
     if not targets:
         raise MoeqError("no quantizable weights found in this model")
+    groups, layers = plan_groups(model, targets)
+    target_params = {t.name if t.expert is None else f"{t.module}.{t.param}" for t in targets}
+    run_key = _run_key(recipe, cfg, source, targets, calib_ids)
     t0 = time.perf_counter()
-    writer = ArtifactWriter(Path(out), **({"shard_bytes": shard_bytes} if shard_bytes else {}))
+    writer = ArtifactWriter(Path(out), run_key)
+    threshold = quantizer.outlier_threshold(cfg)
+    state = {"inputs": None, "stats": {}}
+    if writer.resumed:
+        reporter.log(f"resuming: {len(writer.resumed)} finished groups found in {writer.tmp}")
     try:
-        tied = _write_kept(model, targets, writer)
-        groups, layers = _layer_groups(model, targets)
-        stats = {}
-        inputs = None
-        threshold = quantizer.outlier_threshold(cfg)
-        if calib_ids is not None:
-            batches = list(calib_ids.split(8))
-            if layers is not None:
-                with reporter.task("calibration inputs", None):
-                    inputs = capture_layer_inputs(model, layers[1][0], batches)
-            else:  # no decoder-layer list (e.g. encoder-decoder): one full pass over the float model
-                col = StatsCollector(threshold)
-                with observing(model, targets, col), reporter.task("calibration", len(batches)) as task:
-                    for b in batches:
-                        model(input_ids=b, decoder_input_ids=b if model.config.is_encoder_decoder else None)
-                        task.advance(1)
-                stats = col.stats
-        infos = {}
         with reporter.task(f"quantize ({recipe.method})", len(targets)) as task:
-            for label, idx, group in groups:
-                if inputs is not None and idx is not None:
-                    layer = layers[1][idx]
-                    col = StatsCollector(threshold)
-                    with observing(layer, group, col, prefix=f"{layers[0]}.{idx}"):
-                        run_layer(layer, inputs)
-                    stats = col.stats
-                modules = {}
-                for t in group:
-                    s = stats.get(t.name)
-                    q = quantizer.quantize(target_weight(model, t), cfg, s)
-                    parts, meta = codec.encode(q)
-                    info = _entry_info(recipe.method, t, q, target_weight(model, t).dtype, s, calib_ids is not None)
-                    info["meta"] = meta
-                    writer.add_packed(t.name, codec.name, parts, info)
-                    infos[t.name] = info
-                    modules[t] = quantizer.module(q, target_bias(model, t))
-                    task.advance(1, layer=label, written=_fmt_bytes(writer.bytes_written + writer._buf_bytes))
+            for g in groups:
+                if reader is not None and g.tensors:
+                    materialize(model, g.tensors, reader)
+                if g.label == "base":
+                    if not writer.done(g.label):
+                        with writer.group(g.label):
+                            _write_kept(model, g.tensors, writer)
+                    writer.tied.update(_ties(model, g.tensors))
+                    if calib_ids is not None:
+                        state["inputs"] = capture_layer_inputs(model, layers[1][0], list(calib_ids.split(8)))
+                    continue
+                if g.label == "model":  # no decoder-layer list (e.g. encoder-decoder): one float pass
+                    writer.tied.update(_ties(model, g.tensors))
+                    if calib_ids is not None:
+                        state["stats"] = _observe_model(model, targets, threshold, calib_ids)
+                layer = layers[1][g.index] if g.index is not None else None
+                if writer.done(g.label):
+                    modules = _packed_modules(writer.read_group(g.label), quantizer)
+                    task.advance(len(g.targets), layer=g.label, status="resumed")
+                else:
+                    if layer is not None and state["inputs"] is not None:
+                        col = StatsCollector(threshold)
+                        with observing(layer, g.targets, col, prefix=g.prefix):
+                            run_layer(layer, state["inputs"])
+                        state["stats"] = col.stats
+                    with writer.group(g.label):
+                        _write_kept(model, [n for n in g.tensors if n not in target_params], writer)
+                        modules = _quantize_group(model, g, quantizer, cfg, codec, state["stats"], calib_ids, writer,
+                                                  task, recipe.method)
                 install_packed(model, modules)
-                if inputs is not None and idx is not None:
-                    inputs = run_layer(layers[1][idx], inputs)
-        manifest = _manifest(recipe, cfg, source, infos, writer, tied, calib_ids, time.perf_counter() - t0)
+                if layer is not None and state["inputs"] is not None:
+                    state["inputs"] = run_layer(layer, state["inputs"])
+                if reader is not None and layer is not None:
+                    release(layer)
+                task.advance(0, layer=g.label, read=_fmt_bytes(getattr(reader, "bytes_read", 0)),
+                             written=_fmt_bytes(writer.bytes_written), rss=f"{peak_rss_mb():.0f} MB")
+                _crash_point(len(writer.records))
+        manifest = _manifest(recipe, cfg, source, writer, calib_ids)
         if tokenizer is not None:
             tokenizer.save_pretrained(writer.tmp)
         config = model.config.to_dict()
         config["quantization_config"] = {"quant_method": "moeq", "format_version": manifest["moeq_format"],
                                          "method": recipe.method, "options": cfg.model_dump()}
-        path = writer.commit(manifest, config)
-    except BaseException:
+        path = writer.commit([g.label for g in groups], manifest, config)
+    except MoeqError:
         writer.abort()
         raise
-    return {"path": str(path), **manifest["totals"], "seconds": manifest["seconds"]}
+    return {"path": str(path), **manifest["totals"], "seconds": round(time.perf_counter() - t0, 2),
+            "resumed_groups": len(writer.resumed)}
 
 
-def _layer_groups(model, targets: list[Target]):
-    """[(label, layer index | None, targets)] in layer order, then whatever lies outside the layers."""
-    layers = decoder_layers(model)
-    if layers is None:
-        return [("model", None, targets)], None
-    prefix, mlist = layers
-    by: dict[int, list[Target]] = {}
-    rest = []
-    for t in targets:
-        i = layer_of(t.module, prefix)
-        (by.setdefault(i, []) if i is not None else rest).append(t)
-    groups = [(f"layer {i}", i, by[i]) for i in sorted(by)]
-    if rest:
-        groups.append(("head", None, rest))
-    return groups, layers
+def _crash_point(finished: int) -> None:
+    """Testing aid: MOEQ_CRASH_AFTER_GROUPS=N sends this process SIGKILL once N groups are on disk (the
+    resume tests use it to kill a run at an exact point; nothing is cleaned up, as with a real kill -9)."""
+    n = os.environ.get("MOEQ_CRASH_AFTER_GROUPS")
+    if n and finished >= int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _write_kept(model, targets: list[Target], writer: ArtifactWriter) -> dict[str, str]:
-    """Write every tensor that is not a quantized weight, once per storage; return {alias: stored name}."""
-    skip = {t.name if t.expert is None else f"{t.module}.{t.param}" for t in targets}
-    seen: dict[tuple, str] = {}
-    tied = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if name in skip:
-            continue
+def _run_key(recipe, cfg, source, targets, calib_ids) -> str:
+    h = hashlib.sha256(json.dumps({"recipe": recipe.model_dump(), "options": cfg.model_dump(), "source": source,
+                                   "targets": [(t.name, t.shape) for t in targets]}, sort_keys=True).encode())
+    if calib_ids is not None:
+        h.update(calib_ids.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _quantize_group(model, g: Group, quantizer, cfg, codec, stats, calib_ids, writer, task, method):
+    modules = {}
+    for t in g.targets:
+        w = target_weight(model, t)
+        s = stats.get(t.name)
+        q = quantizer.quantize(w, cfg, s)
+        parts, meta = codec.encode(q)
+        info = _entry_info(method, t, q, w.dtype, s, calib_ids is not None)
+        info["meta"] = meta
+        writer.add_packed(t.name, codec.name, parts, info)
+        modules[t] = quantizer.module(q, target_bias(model, t))
+        task.advance(1, layer=g.label)
+    return modules
+
+
+def _observe_model(model, targets, threshold, calib_ids):
+    col = StatsCollector(threshold)
+    with observing(model, targets, col):
+        for b in calib_ids.split(8):
+            model(input_ids=b, decoder_input_ids=b if model.config.is_encoder_decoder else None)
+    return col.stats
+
+
+def _write_kept(model, names: list[str], writer: ArtifactWriter) -> None:
+    """Write the group's tensors that are not quantized weights, once per storage (ties are recorded apart)."""
+    sd = model.state_dict(keep_vars=True)
+    seen = set()
+    for name in names:
+        t = sd[name]
         key = (t.data_ptr(), tuple(t.shape), t.dtype)
         if t.numel() and key in seen:
-            tied[name] = seen[key]
             continue
-        seen[key] = name
+        seen.add(key)
         writer.add_kept(name, t)
-    writer.tied.update(tied)
+
+
+def _ties(model, names: list[str]) -> dict[str, str]:
+    sd = model.state_dict(keep_vars=True)
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name in names:
+        t = sd[name]
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and key in first:
+            tied[name] = first[key]
+        else:
+            first.setdefault(key, name)
     return tied
+
+
+def _packed_modules(reader: ArtifactReader, quantizer) -> dict[Target, torch.nn.Module]:
+    """Runtime modules for every packed entry a reader holds (decoded, checksummed)."""
+    modules = {}
+    for name, e in reader.tensors.items():
+        codec = CODECS.get(e["codec"])()
+        q = codec.decode(reader.read_packed(name), e.get("meta", {}), tuple(e["shape"]), e["codec_version"])
+        bias = None
+        if e.get("bias") and e["bias"] in reader.kept:
+            b = reader.read_kept(e["bias"])
+            bias = b if e["expert"] is None else b[e["expert"]]
+        t = Target(name, e["module"], e["param"], e["expert"], e["transposed"], None, tuple(e["shape"]))
+        modules[t] = quantizer.module(q, bias)
+    return modules
 
 
 def _entry_info(method, t: Target, q, dtype, stats, calibrated: bool) -> dict[str, Any]:
@@ -171,19 +279,20 @@ def _entry_info(method, t: Target, q, dtype, stats, calibrated: bool) -> dict[st
     return info
 
 
-def _manifest(recipe, cfg, source, infos, writer, tied, calib_ids, seconds) -> dict[str, Any]:
-    n_q = sum(math.prod(e["shape"]) for e in infos.values())
-    b_q = sum(e["bytes"] for e in writer.entries.values())
-    b_k = sum(e["bytes"] for e in writer.kept.values())
+def _manifest(recipe, cfg, source, writer, calib_ids) -> dict[str, Any]:
+    entries, kept = writer.entries, writer.kept
+    n_q = sum(math.prod(e["shape"]) for e in entries.values())
+    b_q = sum(e["bytes"] for e in entries.values())
+    b_k = sum(e["bytes"] for e in kept.values())
     return {
-        "tool": f"moeq {__version__}", "moeq_format": 1, "seconds": round(seconds, 2),
+        "tool": f"moeq {__version__}", "moeq_format": 1,
         "source": {"model": source},
         "recipe": {**recipe.model_dump(), "options": cfg.model_dump()},
         "calibration": None if calib_ids is None else {**recipe.calibration.model_dump(),
                                                        "tokens": int(calib_ids.numel()), "split": "calib"},
         "totals": {"quantized_params": n_q, "quantized_bytes": b_q, "bits_per_param": round(8 * b_q / max(n_q, 1), 4),
-                   "kept_bytes": b_k, "total_bytes": b_q + b_k, "tensors": len(infos),
-                   "fallbacks": sum(1 for e in infos.values() if "fallback" in e)},
+                   "kept_bytes": b_k, "total_bytes": b_q + b_k, "tensors": len(entries),
+                   "fallbacks": sum(1 for e in entries.values() if "fallback" in e)},
     }
 
 
@@ -204,9 +313,10 @@ def is_artifact(path: str | Path) -> bool:
 
 def load(path: str | Path, reporter: Reporter = Reporter()):
     """Load a packed artifact: (model executing packed weights, tokenizer, ArtifactReader)."""
-    from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from moeq.models.stream import build_empty
 
     load_builtins()
     reader = ArtifactReader(path)
@@ -223,12 +333,7 @@ def load(path: str | Path, reporter: Reporter = Reporter()):
         config = AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as e:
         raise ArtifactError(f"{path}: unsupported model type {model_type!r} ({e})") from None
-    with init_empty_weights(include_buffers=False):
-        if getattr(config, "is_encoder_decoder", False) and type(config) not in AutoModelForCausalLM._model_mapping:
-            from transformers import AutoModelForSeq2SeqLM
-            model = AutoModelForSeq2SeqLM.from_config(config)
-        else:
-            model = AutoModelForCausalLM.from_config(config)
+    model = build_empty(config)
     method = reader.manifest["recipe"]["method"]
     quantizer = QUANTIZERS.get(method)()
     with reporter.task("load kept tensors", len(reader.kept)) as task:
@@ -237,18 +342,8 @@ def load(path: str | Path, reporter: Reporter = Reporter()):
             task.advance(1)
         for alias, name in reader.manifest.get("tied", {}).items():
             _set_alias(model, alias, name)
-    modules = {}
-    with reporter.task("load packed tensors", len(reader.tensors)) as task:
-        for name, e in reader.tensors.items():
-            codec = CODECS.get(e["codec"])()
-            q = codec.decode(reader.read_packed(name), e.get("meta", {}), tuple(e["shape"]), e["codec_version"])
-            bias = None
-            if e.get("bias"):
-                b = reader.read_kept(e["bias"]) if e["bias"] in reader.kept else None
-                bias = b if b is None or e["expert"] is None else b[e["expert"]]
-            t = Target(name, e["module"], e["param"], e["expert"], e["transposed"], None, tuple(e["shape"]))
-            modules[t] = quantizer.module(q, bias)
-            task.advance(1)
+    with reporter.task("load packed tensors", None):
+        modules = _packed_modules(reader, quantizer)
     try:
         install_packed(model, modules)
     except (AttributeError, ValueError) as err:

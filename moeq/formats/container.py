@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ from moeq.registry import CODECS
 
 MANIFEST = "moeq.json"
 FORMAT_VERSION = 1
-DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -39,86 +38,148 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-@dataclass
 class ArtifactWriter:
-    out: Path
-    shard_bytes: int = DEFAULT_SHARD_BYTES
-    entries: dict[str, dict] = field(default_factory=dict)
-    kept: dict[str, dict] = field(default_factory=dict)
-    tied: dict[str, str] = field(default_factory=dict)
+    """Streaming, resumable writer.
 
-    def __post_init__(self):
-        self.out = Path(self.out)
+    Content is added in named groups (``with writer.group("layer.3"): ...``), one shard file per group. When a
+    group ends, its shard is written and then a small record (entries, kept tensors, the shard's sha256) is
+    written atomically. Everything lives in a hidden sibling ``.<out>.moeq-tmp`` until ``commit`` renames it, so
+    a crash leaves no artifact; re-running the same command finds the finished groups and skips them
+    (``done(label)``). ``run_key`` identifies the run (model + recipe); a different key refuses to mix.
+    """
+
+    def __init__(self, out: str | os.PathLike, run_key: str = "", resume: bool = True):
+        self.out = Path(out)
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise ArtifactError(f"output {self.out} already exists and is not empty; remove it or pick another")
         self.tmp = self.out.with_name(f".{self.out.name}.moeq-tmp")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
-        self._buf: dict[str, torch.Tensor] = {}
-        self._buf_bytes = 0
-        self._shards: list[str] = []
-        self.bytes_written = 0
+        self.records: dict[str, dict] = {}
+        run = {"run_key": run_key}
+        if self.tmp.exists() and resume and (self.tmp / "run.json").is_file():
+            prev = json.loads((self.tmp / "run.json").read_text())
+            if prev.get("run_key") != run_key:
+                raise ArtifactError(f"{self.tmp} holds an unfinished run with a different model or recipe; refusing "
+                                    f"to mix them (delete it to start over, or re-run the original command)")
+            for rec in sorted((self.tmp / "records").glob("*.json")):
+                r = json.loads(rec.read_text())
+                if (self.tmp / r["shard"]).is_file() and _file_sha256(self.tmp / r["shard"]) == r["shard_sha256"]:
+                    self.records[r["label"]] = r
+        else:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            (self.tmp / "records").mkdir(parents=True)
+            _atomic_write(self.tmp / "run.json", json.dumps(run, sort_keys=True))
+        self.resumed = sorted(self.records)
+        self.tied: dict[str, str] = {}
+        self._group: str | None = None
+        self.bytes_written = sum(r["bytes"] for r in self.records.values())
 
-    # -- adding content -------------------------------------------------------------------------
+    def done(self, label: str) -> bool:
+        return label in self.records
+
+    @property
+    def entries(self) -> dict[str, dict]:
+        return {k: v for r in self.records.values() for k, v in r["entries"].items()}
+
+    @property
+    def kept(self) -> dict[str, dict]:
+        return {k: v for r in self.records.values() for k, v in r["kept"].items()}
+
+    @contextmanager
+    def group(self, label: str):
+        if self._group is not None:
+            raise RuntimeError("groups do not nest")
+        self._group = label
+        self._buf: dict[str, torch.Tensor] = {}
+        self._entries: dict[str, dict] = {}
+        self._kept: dict[str, dict] = {}
+        try:
+            yield self
+            self._finish_group(label)
+        finally:
+            self._group = None
+            self._buf = {}
+
+    # -- adding content (inside a group) ---------------------------------------------------------
     def add_packed(self, name: str, codec: str, parts: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         codec_cls = CODECS.get(codec)
         parts = {k: v.detach().contiguous().clone() for k, v in parts.items()}
         nbytes = sum(t.numel() * t.element_size() for t in parts.values())
-        self.entries[name] = {**info, "codec": codec, "codec_version": codec_cls.version, "parts": sorted(parts),
-                              "bytes": nbytes, "sha256": tensors_sha256(parts), "shard": self._current_shard()}
-        self._append({f"{name}.{k}": v for k, v in parts.items()}, nbytes)
+        self._entries[name] = {**info, "codec": codec, "codec_version": codec_cls.version, "parts": sorted(parts),
+                               "bytes": nbytes, "sha256": tensors_sha256(parts)}
+        self._buf.update({f"{name}.{k}": v for k, v in parts.items()})
 
     def add_kept(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().contiguous().clone()
-        nbytes = t.numel() * t.element_size()
-        self.kept[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bytes": nbytes,
-                           "sha256": tensors_sha256({name: t}), "shard": self._current_shard()}
-        self._append({name: t}, nbytes)
+        self._kept[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                            "bytes": t.numel() * t.element_size(), "sha256": tensors_sha256({name: t})}
+        self._buf[name] = t
 
-    def _current_shard(self) -> int:
-        return len(self._shards)
+    def pending_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buf.values()) if self._group else 0
 
-    def _append(self, tensors: dict[str, torch.Tensor], nbytes: int) -> None:
-        self._buf.update(tensors)
-        self._buf_bytes += nbytes
-        if self._buf_bytes >= self.shard_bytes:
-            self.flush()
+    def _finish_group(self, label: str) -> None:
+        shard = f"group-{len(list((self.tmp / 'records').glob('*.json'))):05d}-{label}.safetensors"
+        nbytes = self.pending_bytes()
+        # one metadata key only: safetensors writes the map in random order, and resumed runs must be byte-identical
+        save_file(self._buf, str(self.tmp / shard), metadata={"format": "pt"})
+        rec = {"label": label, "shard": shard, "shard_sha256": _file_sha256(self.tmp / shard), "bytes": nbytes,
+               "entries": self._entries, "kept": self._kept}
+        _atomic_write(self.tmp / "records" / f"{label}.json", json.dumps(rec, sort_keys=True))
+        self.records[label] = rec
+        self.bytes_written += nbytes
 
-    def flush(self) -> None:
-        if not self._buf:
-            return
-        name = f"shard-{len(self._shards):05d}.safetensors"
-        save_file(self._buf, str(self.tmp / name), metadata={"format": "pt", "producer": "moeq"})
-        self.bytes_written += self._buf_bytes
-        self._shards.append(name)
-        self._buf, self._buf_bytes = {}, 0
+    def read_group(self, label: str) -> "ArtifactReader":
+        """A reader over one finished group (used to rebuild already-quantized layers on resume)."""
+        r = self.records[label]
+        return ArtifactReader.from_parts(self.tmp, {"tensors": {k: {**v, "shard": r["shard"]} for k, v in r["entries"].items()},
+                                                    "kept": {k: {**v, "shard": r["shard"]} for k, v in r["kept"].items()}})
 
     # -- finishing --------------------------------------------------------------------------------
-    def commit(self, manifest: dict[str, Any], config: dict[str, Any] | None, extra_files: list[Path] = ()) -> Path:
-        """Write the last shard, the manifest and config, then move the directory into place."""
-        self.flush()
-        n = len(self._shards)
-        final = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for old, new in zip(self._shards, final):
-            os.replace(self.tmp / old, self.tmp / new)
-        for d in (self.entries, self.kept):
-            for e in d.values():
-                e["shard"] = final[e["shard"]]
-        for f in extra_files:
-            shutil.copy2(f, self.tmp / Path(f).name)
+    def commit(self, order: list[str], manifest: dict[str, Any], config: dict[str, Any] | None) -> Path:
+        """Rename group shards to ``model-0000k-of-0000n`` in ``order``, write manifest and config, move into place."""
+        missing = [g for g in order if g not in self.records]
+        if missing:
+            raise RuntimeError(f"groups not written: {missing}")
+        final = {g: f"model-{i + 1:05d}-of-{len(order):05d}.safetensors" for i, g in enumerate(order)}
+        entries, kept = {}, {}
+        for g in order:
+            r = self.records[g]
+            entries.update({k: {**v, "shard": final[g]} for k, v in r["entries"].items()})
+            kept.update({k: {**v, "shard": final[g]} for k, v in r["kept"].items()})
+            os.replace(self.tmp / r["shard"], self.tmp / final[g])
+        shutil.rmtree(self.tmp / "records")
+        (self.tmp / "run.json").unlink()
         if config is not None:
             (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        body = {**manifest, "format_version": FORMAT_VERSION, "shards": final,
-                "tensors": self.entries, "kept": self.kept, "tied": self.tied}
+        body = {**manifest, "format_version": FORMAT_VERSION, "shards": [final[g] for g in order],
+                "tensors": entries, "kept": kept, "tied": self.tied}
         (self.tmp / MANIFEST).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
         if self.out.exists():
-            self.out.rmdir()  # only an empty directory can be here (checked in __post_init__)
+            self.out.rmdir()  # only an empty directory can be here (checked in __init__)
         os.replace(self.tmp, self.out)
         return self.out
 
     def abort(self) -> None:
+        """Drop everything (errors in the user's input). A crash or kill keeps the temp dir for resuming."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class ArtifactReader:
@@ -147,6 +208,12 @@ class ArtifactReader:
                 raise ArtifactError(f"{name}: codec {codec} version {e.get('codec_version')!r} is not supported "
                                     f"(this moeq reads {CODECS.get(codec).readable_versions})")
         self._handles: dict[str, Any] = {}
+
+    @classmethod
+    def from_parts(cls, path: Path, manifest: dict[str, Any]) -> "ArtifactReader":
+        self = cls.__new__(cls)
+        self.path, self.manifest, self._handles = Path(path), manifest, {}
+        return self
 
     @property
     def tensors(self) -> dict[str, dict]:

@@ -130,6 +130,16 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
     return model, tok, src
 
 
+def load_tokenizer(src: ModelSource):
+    """The model's tokenizer, or None when the directory has none (data-free methods still work)."""
+    from transformers import AutoTokenizer
+    where = str(src.path) if src.path else src.hub_id
+    try:
+        return AutoTokenizer.from_pretrained(where, **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _strip_gguf_quant_config(model) -> None:
     """GGUF weights arrive dequantized; the GgufConfig left on the config would mislabel the model."""
     if hasattr(model.config, "quantization_config"):

@@ -1,0 +1,112 @@
+"""Reading a model one decoder layer at a time, straight from its safetensors shards.
+
+The model is built on the meta device (parameters only; buffers such as RoPE tables are real), and each
+group of parameters (the embeddings and head, then one decoder layer at a time) is materialized from lazy
+``safe_open`` reads just before it is processed and released right after. Checkpoints in the published
+per-expert layout (Mixtral's ``block_sparse_moe.experts.{e}.w1/w2/w3``, Qwen/DeepSeek's
+``mlp.experts.{e}.gate_proj/up_proj/down_proj``) are mapped onto transformers 5.x's fused 3-D expert
+parameters the same way transformers does on load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from moeq.errors import ModelLoadError
+
+# checkpoint spelling -> model spelling (transformers' own renames for these families)
+RENAMES = ((".block_sparse_moe.", ".mlp."),)
+# fused model parameter -> per-expert checkpoint tensors concatenated along the output dim, per layout
+FUSED_SOURCES = {
+    "gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
+    "up_proj": (("w3",), ("up_proj",)),
+    "down_proj": (("w2",), ("down_proj",)),
+}
+
+
+class CheckpointReader:
+    """Lazy tensor access to a safetensors checkpoint (one file or an indexed set of shards)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        self.key_file: dict[str, Path] = {}
+        if index.is_file():
+            for k, f in json.loads(index.read_text())["weight_map"].items():
+                self.key_file[k] = self.path / f
+        else:
+            for f in sorted(self.path.glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as h:
+                    self.key_file.update({k: f for k in h.keys()})
+        if not self.key_file:
+            raise ModelLoadError(f"{self.path}: no safetensors weights found")
+        self._handles: dict[Path, object] = {}
+        self.bytes_read = 0
+
+    def _get(self, key: str) -> torch.Tensor:
+        f = self.key_file[key]
+        h = self._handles.get(f)
+        if h is None:
+            try:
+                h = self._handles[f] = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors' own error types
+                raise ModelLoadError(f"{f}: unreadable shard ({str(e).splitlines()[0][:120]})") from None
+        t = h.get_tensor(key)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def _spellings(self, name: str) -> list[str]:
+        out = [name]
+        for ckpt, model in RENAMES:
+            if model in name:
+                out.append(name.replace(model, ckpt))
+        return out
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """The model parameter ``name`` assembled from the checkpoint, or None if the checkpoint lacks it."""
+        for k in self._spellings(name):
+            if k in self.key_file:
+                return self._get(k)
+        base, _, param = name.rpartition(".")
+        if param in FUSED_SOURCES and base.endswith("experts"):
+            for b in self._spellings(base):
+                for layout in FUSED_SOURCES[param]:
+                    if f"{b}.0.{layout[0]}.weight" in self.key_file:
+                        return torch.stack([torch.cat([self._get(f"{b}.{e}.{p}.weight") for p in layout])
+                                            for e in range(self._count(f"{b}.", layout[0]))])
+        return None
+
+    def _count(self, prefix: str, p: str) -> int:
+        n = 0
+        while f"{prefix}{n}.{p}.weight" in self.key_file:
+            n += 1
+        return n
+
+
+def build_empty(config):
+    """The model skeleton on the meta device (buffers real), for causal LMs and seq2seq models alike."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    with init_empty_weights(include_buffers=False):
+        if getattr(config, "is_encoder_decoder", False) and type(config) not in AutoModelForCausalLM._model_mapping:
+            return AutoModelForSeq2SeqLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def materialize(model, names: list[str], reader: CheckpointReader, dtype=torch.float32) -> None:
+    """Load the meta parameters ``names`` from the checkpoint (cast to ``dtype``)."""
+    from accelerate.utils import set_module_tensor_to_device
+    for name in names:
+        t = reader.tensor(name)
+        if t is None:
+            raise ModelLoadError(f"{reader.path}: checkpoint lacks {name}")
+        set_module_tensor_to_device(model, name, "cpu", value=t.to(dtype) if t.is_floating_point() else t)
+
+
+def release(module: torch.nn.Module) -> None:
+    """Drop a processed group's tensors (float and packed) back to the meta device."""
+    module.to("meta")

@@ -1,0 +1,113 @@
+"""Streaming from shards in the published per-expert layout, resume after kill -9, byte-identical artifacts."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moeq import api
+from moeq.recipes import Recipe
+
+
+def save_published_layout(model, tok, d, shards=3):
+    """Save a transformers-5 Mixtral as the published checkpoints are laid out: per-expert w1/w2/w3 under
+    ``block_sparse_moe``, several shards and an index."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        k2 = k.replace(".mlp.", ".block_sparse_moe.")
+        if k.endswith("experts.gate_up_proj"):
+            inter = v.shape[1] // 2
+            for e in range(v.shape[0]):
+                sd[k2.replace("gate_up_proj", f"{e}.w1.weight")] = v[e, :inter].clone()
+                sd[k2.replace("gate_up_proj", f"{e}.w3.weight")] = v[e, inter:].clone()
+        elif k.endswith("experts.down_proj"):
+            for e in range(v.shape[0]):
+                sd[k2.replace("down_proj", f"{e}.w2.weight")] = v[e].clone()
+        elif k != "lm_head.weight" or not model.config.tie_word_embeddings:
+            sd[k2] = v.clone()
+    keys = sorted(sd)
+    d.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i in range(shards):
+        part = keys[i::shards]
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: sd[k].to(torch.bfloat16).contiguous() for k in part}, str(d / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model.config.save_pretrained(d)
+    tok.save_pretrained(d)
+    return sorted(sd)
+
+
+@pytest.fixture(scope="module")
+def published(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    d = tmp_path_factory.mktemp("pub") / "mixtral-layout"
+    keys = save_published_layout(m, AutoTokenizer.from_pretrained(tiny_model_dir), d)
+    assert any(".block_sparse_moe.experts.3.w1.weight" in k for k in keys)
+    return d
+
+
+def _digest(path):
+    h = hashlib.sha256()
+    for p in sorted(path.iterdir()):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _quantize(model_dir, out, *extra, env=None):
+    cmd = [sys.executable, "-m", "moeq", "quantize", str(model_dir), "-o", str(out),
+           "--calib-samples", "8", "--calib-seqlen", "64", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_streamed_equals_in_memory_and_maps_per_expert_layout(published, tiny_model_dir, tmp_path):
+    """The streaming reader maps w1/w3 -> gate_up_proj and w2 -> down_proj exactly as transformers does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moeq.models.loader import load_model
+    from moeq.models.stream import CheckpointReader
+    reader = CheckpointReader(published)
+    m, tok, _ = load_model(str(published))  # transformers' own loader on the same files
+    for name, p in m.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        assert torch.equal(reader.tensor(name).float(), p.float()), name
+    recipe = Recipe(method="int8", calibration={"samples": 8, "seqlen": 64})
+    streamed = api.quantize(recipe.model_copy(update={"model": str(published)}), tmp_path / "s")
+    calib = api.calibration_ids(tok, recipe)
+    in_mem = api.quantize_model(m, tmp_path / "m", recipe, tokenizer=tok, source=str(published), calib_ids=calib)
+    assert streamed["quantized_params"] == in_mem["quantized_params"]
+    a = json.loads((tmp_path / "s" / "moeq.json").read_text())["tensors"]
+    b = json.loads((tmp_path / "m" / "moeq.json").read_text())["tensors"]
+    assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
+
+
+@pytest.mark.parametrize("mode", [[], ["--weight-only"]], ids=["calibrated", "data-free"])
+def test_kill_and_resume_is_byte_identical(published, tmp_path, mode):
+    clean = _quantize(published, tmp_path / "clean", *mode)
+    assert clean.returncode == 0, clean.stderr
+    out = tmp_path / "resumed"
+    killed = _quantize(published, out, *mode, env={"MOEQ_CRASH_AFTER_GROUPS": "2"})
+    assert killed.returncode == -9
+    assert not out.exists() and (tmp_path / ".resumed.moeq-tmp").is_dir()
+    again = _quantize(published, out, *mode)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    assert _digest(out) == _digest(tmp_path / "clean")
+    assert not (tmp_path / ".resumed.moeq-tmp").exists()
+
+
+def test_resume_with_other_recipe_refuses_to_mix(published, tmp_path):
+    out = tmp_path / "o"
+    assert _quantize(published, out, env={"MOEQ_CRASH_AFTER_GROUPS": "2"}).returncode == -9
+    other = _quantize(published, out, "--threshold", "3")
+    assert other.returncode == 2
+    assert "refusing to mix" in other.stderr and "Traceback" not in other.stderr
