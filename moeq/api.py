@@ -158,7 +158,7 @@ def quantize_model(model, out: str | Path, recipe: Recipe, tokenizer=None, sourc
                     if layer is not None and state["inputs"] is not None:
                         col = StatsCollector(threshold)
                         with observing(layer, g.targets, col, prefix=g.prefix):
-                            run_layer(layer, state["inputs"])
+                            run_layer(layer, state["inputs"], collect=False)
                         state["stats"] = col.stats
                     with writer.group(g.label):
                         _write_kept(model, [n for n in g.tensors if n not in target_params], writer)
@@ -166,9 +166,12 @@ def quantize_model(model, out: str | Path, recipe: Recipe, tokenizer=None, sourc
                                                   task, recipe.method)
                 install_packed(model, modules)
                 if layer is not None and state["inputs"] is not None:
-                    state["inputs"] = run_layer(layer, state["inputs"])
+                    nxt = run_layer(layer, state["inputs"])
+                    state["inputs"].close()
+                    state["inputs"] = nxt
                 if reader is not None and layer is not None:
                     release(layer)
+                    reader.close()
                 task.advance(0, layer=g.label, read=_fmt_bytes(getattr(reader, "bytes_read", 0)),
                              written=_fmt_bytes(writer.bytes_written), rss=f"{peak_rss_mb():.0f} MB")
                 _crash_point(len(writer.records))

@@ -4,8 +4,59 @@ as produced by the already-quantized layers before it."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+DEFAULT_CAP_BYTES = int(os.environ.get("MOEQ_ACT_CAP_MB", "1024")) * 2**20
+
+
+class Activations:
+    """The (args, kwargs) of one decoder-layer call per calibration batch. Hidden states are held in memory
+    up to ``cap_bytes`` in total; beyond that they are spilled to safetensors files in a temp directory."""
+
+    def __init__(self, cap_bytes: int = DEFAULT_CAP_BYTES):
+        self.cap = cap_bytes
+        self.items: list[tuple[tuple, dict, torch.Tensor | str]] = []
+        self.in_memory = 0
+        self.spilled = 0
+        self._dir: str | None = None
+
+    def append(self, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest_args = args[1:] if args else None
+        rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        n = hidden.numel() * hidden.element_size()
+        if self.in_memory + n <= self.cap:
+            self.in_memory += n
+            self.items.append((rest_args, rest_kwargs, hidden))
+        else:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="moeq-act-")
+            path = os.path.join(self._dir, f"{len(self.items)}-{os.urandom(4).hex()}.safetensors")
+            save_file({"h": hidden.contiguous()}, path)
+            self.spilled += n
+            self.items.append((rest_args, rest_kwargs, path))
+
+    def __iter__(self):
+        for rest_args, rest_kwargs, h in self.items:
+            hidden = load_file(h)["h"] if isinstance(h, str) else h
+            yield ((hidden, *rest_args), rest_kwargs) if rest_args is not None else ((), {**rest_kwargs, "hidden_states": hidden})
+
+    def nbytes(self) -> int:
+        return self.in_memory + self.spilled
+
+    def close(self) -> None:
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __del__(self):
+        self.close()
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -26,10 +77,10 @@ class _Captured(Exception):
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, batches: list[torch.Tensor]):
     """Run the model up to ``first_layer`` for each batch; returns [(args, kwargs)] of that layer's call."""
-    captured = []
+    captured = Activations()
 
     def hook(mod, args, kwargs):
-        captured.append((args, dict(kwargs)))
+        captured.append(args, dict(kwargs))
         raise _Captured
 
     h = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
@@ -45,16 +96,14 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, batches: list
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs):
-    """Apply ``layer`` to each captured (args, kwargs) and return the same structure for the next layer."""
-    out = []
+def run_layer(layer: nn.Module, inputs: Activations, collect: bool = True) -> Activations | None:
+    """Apply ``layer`` to each captured call; with ``collect`` return the inputs of the next layer."""
+    out = Activations(inputs.cap) if collect else None
     for args, kwargs in inputs:
         y = layer(*args, **kwargs)
-        hidden = y[0] if isinstance(y, tuple) else y
-        if args:
-            out.append(((hidden, *args[1:]), kwargs))
-        else:
-            out.append(((), {**kwargs, "hidden_states": hidden}))
+        if collect:
+            hidden = y[0] if isinstance(y, tuple) else y
+            out.append((hidden, *args[1:]) if args else (), kwargs if args else {**kwargs, "hidden_states": hidden})
     return out
 
 

@@ -59,6 +59,10 @@ class CheckpointReader:
         self.bytes_read += t.numel() * t.element_size()
         return t
 
+    def close(self) -> None:
+        """Unmap the shards read so far (their pages would otherwise count towards the resident set)."""
+        self._handles.clear()
+
     def _spellings(self, name: str) -> list[str]:
         out = [name]
         for ckpt, model in RENAMES:
