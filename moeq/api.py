@@ -118,75 +118,164 @@ def quantize_model(model, out: str | Path, recipe: Recipe, tokenizer=None, sourc
     written and released, so peak memory is one layer plus the calibration activations.
     With ``calib_ids`` every layer is calibrated on the outputs of the already-quantized layers before it.
     An interrupted run leaves its finished layers in ``.<out>.moeq-tmp``; the same command resumes there."""
-    from moeq.models.stream import materialize, release
+    from moeq.parallel import from_env
     quantizer, cfg = recipe.method_config()
-    codec = CODECS.get(quantizer.codec)()
     targets = find_targets(model, recipe.include_lm_head)
     if not targets:
         raise MoeqError("no quantizable weights found in this model")
-    groups, layers = plan_groups(model, targets)
-    target_params = {t.name if t.expert is None else f"{t.module}.{t.param}" for t in targets}
-    run_key = _run_key(recipe, cfg, source, targets, calib_ids)
+    dist = from_env()
+    run = _Run(model, recipe, quantizer, cfg, targets, calib_ids, reader, reporter, dist)
     t0 = time.perf_counter()
-    writer = ArtifactWriter(Path(out), run_key)
-    threshold = quantizer.outlier_threshold(cfg)
-    state = {"inputs": None, "stats": {}}
-    if writer.resumed:
-        reporter.log(f"resuming: {len(writer.resumed)} finished groups found in {writer.tmp}")
+    run_key = _run_key(recipe, cfg, source, targets, calib_ids)
+    err = None
+    if dist.main:
+        try:
+            run.writer = ArtifactWriter(Path(out), run_key)
+        except MoeqError as e:
+            err = str(e)
+    err = dist.broadcast(err)
+    if err is not None:
+        raise MoeqError(err)
+    if not dist.main:
+        run.writer = ArtifactWriter(Path(out), run_key, join=True)
+    if run.writer.resumed and dist.main:
+        reporter.log(f"resuming: {len(run.writer.resumed)} finished groups found in {run.writer.tmp}")
     try:
         with reporter.task(f"quantize ({recipe.method})", len(targets)) as task:
-            for g in groups:
-                if reader is not None and g.tensors:
-                    materialize(model, g.tensors, reader)
-                if g.label == "base":
-                    if not writer.done(g.label):
-                        with writer.group(g.label):
-                            _write_kept(model, g.tensors, writer)
-                    writer.tied.update(_ties(model, g.tensors))
-                    if calib_ids is not None:
-                        state["inputs"] = capture_layer_inputs(model, layers[1][0], list(calib_ids.split(8)))
-                    continue
-                if g.label == "model":  # no decoder-layer list (e.g. encoder-decoder): one float pass
-                    writer.tied.update(_ties(model, g.tensors))
-                    if calib_ids is not None:
-                        state["stats"] = _observe_model(model, targets, threshold, calib_ids)
-                layer = layers[1][g.index] if g.index is not None else None
-                if writer.done(g.label):
-                    modules = _packed_modules(writer.read_group(g.label), quantizer)
-                    task.advance(len(g.targets), layer=g.label, status="resumed")
-                else:
-                    if layer is not None and state["inputs"] is not None:
-                        col = StatsCollector(threshold)
-                        with observing(layer, g.targets, col, prefix=g.prefix):
-                            run_layer(layer, state["inputs"], collect=False)
-                        state["stats"] = col.stats
-                    with writer.group(g.label):
-                        _write_kept(model, [n for n in g.tensors if n not in target_params], writer)
-                        modules = _quantize_group(model, g, quantizer, cfg, codec, state["stats"], calib_ids, writer,
-                                                  task, recipe.method)
-                install_packed(model, modules)
-                if layer is not None and state["inputs"] is not None:
-                    nxt = run_layer(layer, state["inputs"])
-                    state["inputs"].close()
-                    state["inputs"] = nxt
-                if reader is not None and layer is not None:
-                    release(layer)
-                    reader.close()
-                task.advance(0, layer=g.label, read=_fmt_bytes(getattr(reader, "bytes_read", 0)),
-                             written=_fmt_bytes(writer.bytes_written), rss=f"{peak_rss_mb():.0f} MB")
-                _crash_point(len(writer.records))
+            run.task = task
+            for g in run.groups:
+                run.process(g)
+        dist.barrier()
+        if not dist.main:
+            return {"rank": dist.rank}
+        writer = run.writer
+        writer.refresh()
         manifest = _manifest(recipe, cfg, source, writer, calib_ids)
         if tokenizer is not None:
             tokenizer.save_pretrained(writer.tmp)
         config = model.config.to_dict()
         config["quantization_config"] = {"quant_method": "moeq", "format_version": manifest["moeq_format"],
                                          "method": recipe.method, "options": cfg.model_dump()}
-        path = writer.commit([g.label for g in groups], manifest, config)
+        path = writer.commit([g.label for g in run.groups], manifest, config)
     except MoeqError:
-        writer.abort()
+        if dist.main:
+            run.writer.abort()
         raise
     return {"path": str(path), **manifest["totals"], "seconds": round(time.perf_counter() - t0, 2),
-            "resumed_groups": len(writer.resumed)}
+            "resumed_groups": len(writer.resumed), "workers": dist.world}
+
+
+class _Run:
+    """One quantization run: walks the groups, reading / calibrating / quantizing / writing / releasing each.
+    With several processes, data-free runs split whole layers and calibrated runs split each layer's weights
+    (rank 0 runs the forwards and merges the parts), so every process writes what one process would."""
+
+    def __init__(self, model, recipe, quantizer, cfg, targets, calib_ids, reader, reporter, dist):
+        self.model, self.recipe, self.quantizer, self.cfg = model, recipe, quantizer, cfg
+        self.codec = CODECS.get(quantizer.codec)()
+        self.targets, self.calib_ids, self.reader, self.dist = targets, calib_ids, reader, dist
+        self.groups, self.layers = plan_groups(model, targets)
+        self.target_params = {t.name if t.expert is None else f"{t.module}.{t.param}" for t in targets}
+        self.threshold = quantizer.outlier_threshold(cfg)
+        self.inputs = None
+        self.stats: dict = {}
+        self.writer: ArtifactWriter | None = None
+        self.task = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calib_ids is not None
+
+    def materialize(self, g: Group) -> None:
+        from moeq.models.stream import materialize
+        if self.reader is not None and g.tensors:
+            materialize(self.model, g.tensors, self.reader)
+
+    def release(self, layer) -> None:
+        from moeq.models.stream import release
+        if self.reader is not None and layer is not None:
+            release(layer)
+            self.reader.close()
+
+    def process(self, g: Group) -> None:
+        dist, writer = self.dist, self.writer
+        if g.label == "base":
+            if dist.main or self.calibrated:
+                self.materialize(g)
+            if dist.main:
+                if not writer.done(g.label):
+                    with writer.group(g.label):
+                        _write_kept(self.model, g.tensors, writer)
+                writer.tied.update(_ties(self.model, g.tensors))
+                if self.calibrated:
+                    self.inputs = capture_layer_inputs(self.model, self.layers[1][0], list(self.calib_ids.split(8)))
+            return
+        split_layers = dist.world > 1 and not self.calibrated and g.index is not None
+        split_weights = dist.world > 1 and self.calibrated and g.index is not None
+        if not (split_layers or split_weights or dist.main):
+            return  # groups outside the decoder layers are rank 0's
+        if split_layers and not dist.owns(g.index):
+            self.task.advance(len(g.targets), layer=g.label)
+            return
+        self.materialize(g)
+        layer = self.layers[1][g.index] if g.index is not None else None
+        if g.label == "model":  # no decoder-layer list (e.g. encoder-decoder): one float pass
+            writer.tied.update(_ties(self.model, g.tensors))
+            if self.calibrated:
+                self.stats = _observe_model(self.model, self.targets, self.threshold, self.calib_ids)
+        done = writer.done(g.label)
+        if not done and layer is not None and self.calibrated:
+            if dist.main:
+                col = StatsCollector(self.threshold)
+                with observing(layer, g.targets, col, prefix=g.prefix):
+                    run_layer(layer, self.inputs, collect=False)
+                self.stats = col.stats
+            self.stats = dist.broadcast(self.stats if dist.main else None)
+        modules = None
+        if done:
+            self.task.advance(len(g.targets), layer=g.label, status="resumed")
+        elif split_weights:
+            part = f"{g.label}.part{dist.rank}"
+            mine = [t for j, t in enumerate(g.targets) if dist.owns(j)]
+            with writer.group(part):
+                if dist.main:
+                    _write_kept(self.model, [n for n in g.tensors if n not in self.target_params], writer)
+                self._quantize(g, mine)
+            dist.barrier()
+            if dist.main:
+                writer.merge_parts(g.label, [f"{g.label}.part{r}" for r in range(dist.world)])
+        else:
+            with writer.group(g.label):
+                _write_kept(self.model, [n for n in g.tensors if n not in self.target_params], writer)
+                modules = self._quantize(g, g.targets)
+        needs_packed = (self.reader is None and dist.world == 1) or (dist.main and self.calibrated and layer is not None)
+        if needs_packed:
+            if modules is None or split_weights:
+                modules = _packed_modules(writer.read_group(g.label), self.quantizer)
+            install_packed(self.model, modules)
+            if layer is not None and self.calibrated:
+                nxt = run_layer(layer, self.inputs)
+                self.inputs.close()
+                self.inputs = nxt
+        self.release(layer)
+        self.task.advance(0, layer=g.label, read=_fmt_bytes(getattr(self.reader, "bytes_read", 0)),
+                          written=_fmt_bytes(writer.bytes_written), rss=f"{peak_rss_mb():.0f} MB")
+        if dist.main:
+            _crash_point(len(writer.records))
+
+    def _quantize(self, g: Group, targets: list[Target]) -> dict:
+        modules = {}
+        for t in targets:
+            w = target_weight(self.model, t)
+            s = self.stats.get(t.name)
+            q = self.quantizer.quantize(w, self.cfg, s)
+            parts, meta = self.codec.encode(q)
+            info = _entry_info(self.recipe.method, t, q, w.dtype, s, self.calibrated)
+            info["meta"] = meta
+            self.writer.add_packed(t.name, self.codec.name, parts, info)
+            modules[t] = self.quantizer.module(q, target_bias(self.model, t))
+            self.task.advance(1, layer=g.label)
+        return modules
 
 
 def _crash_point(finished: int) -> None:
@@ -203,21 +292,6 @@ def _run_key(recipe, cfg, source, targets, calib_ids) -> str:
     if calib_ids is not None:
         h.update(calib_ids.numpy().tobytes())
     return h.hexdigest()
-
-
-def _quantize_group(model, g: Group, quantizer, cfg, codec, stats, calib_ids, writer, task, method):
-    modules = {}
-    for t in g.targets:
-        w = target_weight(model, t)
-        s = stats.get(t.name)
-        q = quantizer.quantize(w, cfg, s)
-        parts, meta = codec.encode(q)
-        info = _entry_info(method, t, q, w.dtype, s, calib_ids is not None)
-        info["meta"] = meta
-        writer.add_packed(t.name, codec.name, parts, info)
-        modules[t] = quantizer.module(q, target_bias(model, t))
-        task.advance(1, layer=g.label)
-    return modules
 
 
 def _observe_model(model, targets, threshold, calib_ids):

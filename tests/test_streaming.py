@@ -129,3 +129,12 @@ def test_activation_spill_is_transparent(tiny_model_dir, tmp_path, monkeypatch):
     api.quantize(recipe, tmp_path / "spill")
     assert spilled and max(spilled) > 0
     assert _digest(tmp_path / "mem") == _digest(tmp_path / "spill")
+
+
+@pytest.mark.parametrize("mode", [[], ["--weight-only"]], ids=["calibrated", "data-free"])
+def test_two_processes_write_the_same_artifact(published, tmp_path, mode):
+    one = _quantize(published, tmp_path / "one", *mode)
+    assert one.returncode == 0, one.stderr
+    two = _quantize(published, tmp_path / "two", *mode, "--workers", "2")
+    assert two.returncode == 0, two.stderr
+    assert _digest(tmp_path / "one") == _digest(tmp_path / "two")

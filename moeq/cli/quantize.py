@@ -26,13 +26,19 @@ def quantize(
     calib_samples: Annotated[Optional[int], typer.Option(help="calibration windows")] = None,
     calib_seqlen: Annotated[Optional[int], typer.Option(help="calibration window length in tokens")] = None,
     calib_data: Annotated[Optional[str], typer.Option(help="'wiki' (embedded, calibration split), a text file or hf:NAME")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="processes (torch.distributed, gloo on CPU); the artifact is "
+                                                     "byte-identical to a one-process run")] = 1,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the summary as JSON ('-' for stdout)")] = None,
 ):
     """Quantize a model and write a packed, self-describing artifact directory."""
+    import os
+    import sys
+
     import yaml
 
     from moeq import api
-    from moeq.progress import RichReporter
+    from moeq.parallel import launch
+    from moeq.progress import Reporter, RichReporter
     from moeq.recipes import Recipe, load_recipe
 
     r = load_recipe(recipe) if recipe else Recipe()
@@ -61,6 +67,15 @@ def quantize(
             setattr(r.calibration, field, val)
     r = Recipe(**r.model_dump())  # re-validate the merged recipe
     r.method_config()              # fail on bad options before any loading
+    if workers > 1 and "WORLD_SIZE" not in os.environ:
+        argv = [a for a in sys.argv[1:] if not a.startswith("--workers")]
+        if "--workers" in sys.argv:
+            i = sys.argv.index("--workers")
+            argv = sys.argv[1:i] + sys.argv[i + 2:]
+        raise typer.Exit(launch(argv, workers))
+    if int(os.environ.get("RANK", "0")) != 0:
+        api.quantize(r, output, reporter=Reporter())
+        return
     with RichReporter(err_console) as rep:
         res = api.quantize(r, output, reporter=rep)
     t = Table(title=f"moeq quantize: {r.model or 'tiny-moe'} -> {res['path']}", show_header=False)

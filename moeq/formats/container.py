@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from moeq.errors import ArtifactError
 from moeq.registry import CODECS
@@ -48,22 +48,20 @@ class ArtifactWriter:
     (``done(label)``). ``run_key`` identifies the run (model + recipe); a different key refuses to mix.
     """
 
-    def __init__(self, out: str | os.PathLike, run_key: str = "", resume: bool = True):
+    def __init__(self, out: str | os.PathLike, run_key: str = "", resume: bool = True, join: bool = False):
+        """``join``: attach to the run another process (rank 0) created, never creating or deleting anything."""
         self.out = Path(out)
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise ArtifactError(f"output {self.out} already exists and is not empty; remove it or pick another")
         self.tmp = self.out.with_name(f".{self.out.name}.moeq-tmp")
         self.records: dict[str, dict] = {}
         run = {"run_key": run_key}
-        if self.tmp.exists() and resume and (self.tmp / "run.json").is_file():
+        if join or (self.tmp.exists() and resume and (self.tmp / "run.json").is_file()):
             prev = json.loads((self.tmp / "run.json").read_text())
             if prev.get("run_key") != run_key:
                 raise ArtifactError(f"{self.tmp} holds an unfinished run with a different model or recipe; refusing "
                                     f"to mix them (delete it to start over, or re-run the original command)")
-            for rec in sorted((self.tmp / "records").glob("*.json")):
-                r = json.loads(rec.read_text())
-                if (self.tmp / r["shard"]).is_file() and _file_sha256(self.tmp / r["shard"]) == r["shard_sha256"]:
-                    self.records[r["label"]] = r
+            self.refresh(drop_parts=not join)
         else:
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
@@ -73,6 +71,32 @@ class ArtifactWriter:
         self.tied: dict[str, str] = {}
         self._group: str | None = None
         self.bytes_written = sum(r["bytes"] for r in self.records.values())
+
+    def refresh(self, drop_parts: bool = False) -> None:
+        """(Re)read the finished groups on disk; ``drop_parts`` deletes unmerged parts of an interrupted run."""
+        for rec in sorted((self.tmp / "records").glob("*.json")):
+            if rec.stem in self.records:
+                continue
+            r = json.loads(rec.read_text())
+            if ".part" in r["label"] and drop_parts:
+                rec.unlink()
+                (self.tmp / r["shard"]).unlink(missing_ok=True)
+            elif (self.tmp / r["shard"]).is_file() and _file_sha256(self.tmp / r["shard"]) == r["shard_sha256"]:
+                self.records[r["label"]] = r
+
+    def merge_parts(self, label: str, parts: list[str]) -> None:
+        """Combine part groups (written by several processes) into the group ``label``; the shard and record are
+        byte-identical to those of one process writing the whole group (safetensors orders tensors itself)."""
+        self.refresh()
+        with self.group(label):
+            for p in parts:
+                r = self.records.pop(p)
+                self._buf.update(load_file(str(self.tmp / r["shard"])))
+                self._entries.update(r["entries"])
+                self._kept.update(r["kept"])
+        for p in parts:
+            (self.tmp / "records" / f"{p}.json").unlink()
+            (self.tmp / f"group-{p}.safetensors").unlink()
 
     def done(self, label: str) -> bool:
         return label in self.records
@@ -119,7 +143,7 @@ class ArtifactWriter:
         return sum(t.numel() * t.element_size() for t in self._buf.values()) if self._group else 0
 
     def _finish_group(self, label: str) -> None:
-        shard = f"group-{len(list((self.tmp / 'records').glob('*.json'))):05d}-{label}.safetensors"
+        shard = f"group-{label}.safetensors"
         nbytes = self.pending_bytes()
         # one metadata key only: safetensors writes the map in random order, and resumed runs must be byte-identical
         save_file(self._buf, str(self.tmp / shard), metadata={"format": "pt"})
@@ -128,6 +152,9 @@ class ArtifactWriter:
         _atomic_write(self.tmp / "records" / f"{label}.json", json.dumps(rec, sort_keys=True))
         self.records[label] = rec
         self.bytes_written += nbytes
+
+    def has_record(self, label: str) -> bool:
+        return (self.tmp / "records" / f"{label}.json").is_file()
 
     def read_group(self, label: str) -> "ArtifactReader":
         """A reader over one finished group (used to rebuild already-quantized layers on resume)."""
