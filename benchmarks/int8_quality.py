@@ -53,6 +53,9 @@ def main():
     print(f"float: ppl {rb.ppl:.4f} ({rb.describe()}) {time.perf_counter() - t:.0f}s", flush=True)
     rows = [{"variant": "float", "ppl": rb.ppl, "ratio": 1.0, "kl": 0.0}]
     for v in a.variant or ["default"]:
+        if v.startswith("bnb"):
+            rows.append(_peer_bnb(base, windows, rb.ppl, float(v.split("=")[1]) if "=" in v else 6.0))
+            continue
         opts = parse_variant(v)
         recipe = Recipe(model=a.model, method="int8", options=opts)
         recipe.calibration.samples = a.calib_samples
@@ -77,6 +80,26 @@ def main():
         del m
     if a.json:
         json.dump({"model": a.model, "protocol": rb.describe(), "rows": rows}, open(a.json, "w"), indent=1)
+
+
+def _peer_bnb(base, windows, base_ppl, threshold):
+    """bitsandbytes LLM.int8 on the same model and windows (PROTOCOL.md: Linear8bitLt, has_fp16_weights=False,
+    quantized by .to('cpu'), fp32 model, every nn.Linear but lm_head)."""
+    import bitsandbytes as bnb
+    m = copy.deepcopy(base)
+    for name, mod in list(m.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear) and f"{name}.{cname}".lstrip(".") != "lm_head":
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                          has_fp16_weights=False, threshold=threshold)
+                new.weight = bnb.nn.Int8Params(child.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+                if child.bias is not None:
+                    new.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(mod, cname, new.to("cpu"))
+    r = perplexity(m, windows, baseline=base)
+    row = {"variant": f"bitsandbytes Linear8bitLt t={threshold}", "ppl": r.ppl, "ratio": r.ppl / base_ppl, "kl": r.kl_mean}
+    print(f"{row['variant']:40s} ppl {r.ppl:.4f} ratio {row['ratio']:.4f} KL {r.kl_mean:.5f}", flush=True)
+    return row
 
 
 def _outlier_cols(path) -> int:
