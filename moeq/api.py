@@ -181,6 +181,7 @@ class _Run:
         self.stats: dict = {}
         self.writer: ArtifactWriter | None = None
         self.task = None
+        self.dtypes = reader.dtypes if reader is not None else {}
 
     @property
     def calibrated(self) -> bool:
@@ -205,7 +206,7 @@ class _Run:
             if dist.main:
                 if not writer.done(g.label):
                     with writer.group(g.label):
-                        _write_kept(self.model, g.tensors, writer)
+                        _write_kept(self.model, g.tensors, writer, self.dtypes)
                 writer.tied.update(_ties(self.model, g.tensors))
                 if self.calibrated:
                     self.inputs = capture_layer_inputs(self.model, self.layers[1][0], list(self.calib_ids.split(8)))
@@ -239,14 +240,14 @@ class _Run:
             mine = [t for j, t in enumerate(g.targets) if dist.owns(j)]
             with writer.group(part):
                 if dist.main:
-                    _write_kept(self.model, [n for n in g.tensors if n not in self.target_params], writer)
+                    _write_kept(self.model, [n for n in g.tensors if n not in self.target_params], writer, self.dtypes)
                 self._quantize(g, mine)
             dist.barrier()
             if dist.main:
                 writer.merge_parts(g.label, [f"{g.label}.part{r}" for r in range(dist.world)])
         else:
             with writer.group(g.label):
-                _write_kept(self.model, [n for n in g.tensors if n not in self.target_params], writer)
+                _write_kept(self.model, [n for n in g.tensors if n not in self.target_params], writer, self.dtypes)
                 modules = self._quantize(g, g.targets)
         needs_packed = (self.reader is None and dist.world == 1) or (dist.main and self.calibrated and layer is not None)
         if needs_packed:
@@ -302,8 +303,9 @@ def _observe_model(model, targets, threshold, calib_ids):
     return col.stats
 
 
-def _write_kept(model, names: list[str], writer: ArtifactWriter) -> None:
-    """Write the group's tensors that are not quantized weights, once per storage (ties are recorded apart)."""
+def _write_kept(model, names: list[str], writer: ArtifactWriter, dtypes: dict | None = None) -> None:
+    """Write the group's tensors that are not quantized weights, once per storage (ties are recorded apart),
+    in their checkpoint dtype (``dtypes``; streamed groups are computed in float32)."""
     sd = model.state_dict(keep_vars=True)
     seen = set()
     for name in names:
@@ -312,7 +314,7 @@ def _write_kept(model, names: list[str], writer: ArtifactWriter) -> None:
         if t.numel() and key in seen:
             continue
         seen.add(key)
-        writer.add_kept(name, t)
+        writer.add_kept(name, t.to((dtypes or {}).get(name, t.dtype)))
 
 
 def _ties(model, names: list[str]) -> dict[str, str]:
@@ -388,8 +390,9 @@ def is_artifact(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def load(path: str | Path, reporter: Reporter = Reporter()):
-    """Load a packed artifact: (model executing packed weights, tokenizer, ArtifactReader)."""
+def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype | None = torch.float32):
+    """Load a packed artifact: (model executing packed weights, tokenizer, ArtifactReader). Kept floating-point
+    tensors (embeddings, norms, routers) are cast to ``dtype`` (the compute dtype; None keeps the stored one)."""
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoTokenizer
 
@@ -415,7 +418,8 @@ def load(path: str | Path, reporter: Reporter = Reporter()):
     quantizer = QUANTIZERS.get(method)()
     with reporter.task("load kept tensors", len(reader.kept)) as task:
         for name in reader.kept:
-            set_module_tensor_to_device(model, name, "cpu", value=reader.read_kept(name))
+            t = reader.read_kept(name)
+            set_module_tensor_to_device(model, name, "cpu", value=t.to(dtype) if dtype and t.is_floating_point() else t)
             task.advance(1)
         for alias, name in reader.manifest.get("tied", {}).items():
             _set_alias(model, alias, name)

@@ -46,6 +46,7 @@ class CheckpointReader:
             raise ModelLoadError(f"{self.path}: no safetensors weights found")
         self._handles: dict[Path, object] = {}
         self.bytes_read = 0
+        self.dtypes: dict[str, torch.dtype] = {}  # checkpoint dtype of each model tensor read (kept tensors keep it)
 
     def _get(self, key: str) -> torch.Tensor:
         f = self.key_file[key]
@@ -72,6 +73,12 @@ class CheckpointReader:
 
     def tensor(self, name: str) -> torch.Tensor | None:
         """The model parameter ``name`` assembled from the checkpoint, or None if the checkpoint lacks it."""
+        t = self._assemble(name)
+        if t is not None:
+            self.dtypes[name] = t.dtype
+        return t
+
+    def _assemble(self, name: str) -> torch.Tensor | None:
         for k in self._spellings(name):
             if k in self.key_file:
                 return self._get(k)
