@@ -79,6 +79,7 @@ MODULES = {
     "fp32": dense(torch.float32),
     "w8a8": moeq_int8(),
     "w8a8_t0": moeq_int8(threshold=0.0),
+    "w8a8_g64": moeq_int8(act_group=64),
     "wo": moeq_int8(mode="weight_only"),
     "bnb": bnb_int8(6.0),
 }
@@ -88,6 +89,7 @@ ROWS = [
     Row(W8A8, "w8a8", torch.float32),
     Row(W8A8 + " bf16 in", "w8a8", torch.bfloat16),
     Row("moeq int8 w8a8 t=0", "w8a8_t0", torch.float32),
+    Row("moeq int8 w8a8 act_group=64", "w8a8_g64", torch.float32),
     Row("moeq int8 weight-only bf16 in", "wo", torch.bfloat16),
     Row(BNB, "bnb", torch.float32),
 ]

@@ -90,10 +90,24 @@ def test_streamed_equals_in_memory_and_maps_per_expert_layout(published, tiny_mo
     assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
 
 
-@pytest.mark.parametrize("mode", [[], ["--weight-only"]], ids=["calibrated", "data-free"])
-def test_kill_and_resume_is_byte_identical(published, tmp_path, mode):
-    clean = _quantize(published, tmp_path / "clean", *mode)
-    assert clean.returncode == 0, clean.stderr
+MODES = {"calibrated": [], "data-free": ["--weight-only"]}
+
+
+@pytest.fixture(scope="module")
+def clean_runs(published, tmp_path_factory):
+    """The one-process, uninterrupted artifact of each mode: what every other run must reproduce byte for byte."""
+    out = {}
+    for name, extra in MODES.items():
+        d = tmp_path_factory.mktemp("clean") / name
+        r = _quantize(published, d, *extra)
+        assert r.returncode == 0, r.stderr
+        out[name] = _digest(d)
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kill_and_resume_is_byte_identical(published, clean_runs, tmp_path, mode):
+    mode, clean = MODES[mode], clean_runs[mode]
     out = tmp_path / "resumed"
     killed = _quantize(published, out, *mode, env={"MOEQ_CRASH_AFTER_GROUPS": "2"})
     assert killed.returncode == -9
@@ -101,7 +115,7 @@ def test_kill_and_resume_is_byte_identical(published, tmp_path, mode):
     again = _quantize(published, out, *mode)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr
-    assert _digest(out) == _digest(tmp_path / "clean")
+    assert _digest(out) == clean
     assert not (tmp_path / ".resumed.moeq-tmp").exists()
 
 
@@ -131,10 +145,8 @@ def test_activation_spill_is_transparent(tiny_model_dir, tmp_path, monkeypatch):
     assert _digest(tmp_path / "mem") == _digest(tmp_path / "spill")
 
 
-@pytest.mark.parametrize("mode", [[], ["--weight-only"]], ids=["calibrated", "data-free"])
-def test_two_processes_write_the_same_artifact(published, tmp_path, mode):
-    one = _quantize(published, tmp_path / "one", *mode)
-    assert one.returncode == 0, one.stderr
-    two = _quantize(published, tmp_path / "two", *mode, "--workers", "2")
+@pytest.mark.parametrize("mode", MODES)
+def test_two_processes_write_the_same_artifact(published, clean_runs, tmp_path, mode):
+    two = _quantize(published, tmp_path / "two", *MODES[mode], "--workers", "2")
     assert two.returncode == 0, two.stderr
-    assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
+    assert _digest(tmp_path / "two") == clean_runs[mode]
