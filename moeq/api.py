@@ -396,7 +396,7 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype |
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoTokenizer
 
-    from moeq.models.stream import build_empty
+    from moeq.models.stream import build_empty, set_alias
 
     load_builtins()
     reader = ArtifactReader(path)
@@ -422,7 +422,7 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype |
             set_module_tensor_to_device(model, name, "cpu", value=t.to(dtype) if dtype and t.is_floating_point() else t)
             task.advance(1)
         for alias, name in reader.manifest.get("tied", {}).items():
-            _set_alias(model, alias, name)
+            set_alias(model, alias, name)
     with reporter.task("load packed tensors", None):
         modules = _packed_modules(reader, quantizer)
     try:
@@ -435,13 +435,6 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype |
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(path)) if (Path(path) / "tokenizer_config.json").is_file() else None
     return model, tok, reader
-
-
-def _set_alias(model, alias: str, name: str) -> None:
-    mod_path, _, attr = alias.rpartition(".")
-    src_path, _, src_attr = name.rpartition(".")
-    src = getattr(model.get_submodule(src_path), src_attr)
-    setattr(model.get_submodule(mod_path), attr, src)
 
 
 # ---------------------------------------------------------------------------------------------------------

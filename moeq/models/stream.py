@@ -109,13 +109,45 @@ def build_empty(config):
 
 
 def materialize(model, names: list[str], reader: CheckpointReader, dtype=torch.float32) -> None:
-    """Load the meta parameters ``names`` from the checkpoint (cast to ``dtype``)."""
+    """Load the meta parameters ``names`` from the checkpoint (cast to ``dtype``). Tied parameters (one object
+    under two names, e.g. lm_head.weight and embed_tokens.weight) are read once and stay tied."""
     from accelerate.utils import set_module_tensor_to_device
+    sd = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    aliases = []
     for name in names:
+        if id(sd[name]) in first:
+            aliases.append((name, first[id(sd[name])]))
+            continue
+        first[id(sd[name])] = name
         t = reader.tensor(name)
         if t is None:
-            raise ModelLoadError(f"{reader.path}: checkpoint lacks {name}")
+            src = _tied_input_embedding(model, name)
+            if src is None:
+                raise ModelLoadError(f"{reader.path}: checkpoint lacks {name}")
+            aliases.append((name, src))
+            continue
         set_module_tensor_to_device(model, name, "cpu", value=t.to(dtype) if t.is_floating_point() else t)
+    for alias, name in aliases:
+        set_alias(model, alias, name)
+
+
+def _tied_input_embedding(model, name: str) -> str | None:
+    """For a checkpoint that omits the tied output head: the input embedding's name, else None."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return None
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    mods = {id(m): n for n, m in model.named_modules()}
+    if out is None or inp is None or name != f"{mods.get(id(out))}.weight":
+        return None
+    return f"{mods[id(inp)]}.weight"
+
+
+def set_alias(model, alias: str, name: str) -> None:
+    """Make parameter ``alias`` the very same tensor as ``name`` (weight tying)."""
+    mod_path, _, attr = alias.rpartition(".")
+    src_path, _, src_attr = name.rpartition(".")
+    setattr(model.get_submodule(mod_path), attr, getattr(model.get_submodule(src_path), src_attr))
 
 
 def release(module: torch.nn.Module) -> None:
