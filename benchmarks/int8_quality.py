@@ -96,6 +96,7 @@ def _peer_bnb(base, windows, base_ppl, threshold):
                 if child.bias is not None:
                     new.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
                 setattr(mod, cname, new.to("cpu"))
+    m.eval()  # a fresh Linear8bitLt is in training mode, where bitsandbytes' CPU path dequantizes (weight-only)
     r = perplexity(m, windows, baseline=base)
     row = {"variant": f"bitsandbytes Linear8bitLt t={threshold}", "ppl": r.ppl, "ratio": r.ppl / base_ppl, "kl": r.kl_mean}
     print(f"{row['variant']:40s} ppl {r.ppl:.4f} ratio {row['ratio']:.4f} KL {r.kl_mean:.5f}", flush=True)
