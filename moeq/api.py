@@ -472,15 +472,13 @@ def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = E
     base = load_any(baseline, reporter)[0] if baseline else None
     windows = tokenize_windows(tok, load_text(spec.corpus, "eval"), spec.seqlen, spec.windows)
     result: dict[str, Any] = {"model": target, "baseline": baseline, "corpus": spec.corpus, "load_seconds": round(load_s, 2)}
-    with reporter.task("perplexity", windows.shape[0]) as task:
+    with reporter.task("perplexity" + (" + baseline, KL" if base is not None else ""), windows.shape[0]) as task:
         r = perplexity(model, windows, spec.protocol, spec.batch_size, baseline=base, progress=task.advance)
     result["ppl"] = {"value": r.ppl, "protocol": spec.protocol, "seqlen": spec.seqlen, "windows": r.windows,
                      "tokens": r.tokens, "describe": r.describe()}
-    if base is not None:
-        with reporter.task("baseline perplexity", windows.shape[0]) as task:
-            rb = perplexity(base, windows, spec.protocol, spec.batch_size, progress=task.advance)
-        result["baseline_ppl"] = rb.ppl
-        result["ppl_ratio"] = r.ppl / rb.ppl
+    if base is not None:  # measured in the same pass, on the same windows
+        result["baseline_ppl"] = r.extra["baseline_ppl"]
+        result["ppl_ratio"] = r.ppl / r.extra["baseline_ppl"]
         result["kl_mean"] = r.kl_mean
     if manifest is not None:
         result["bits_per_param"] = manifest["totals"]["bits_per_param"]

@@ -58,7 +58,7 @@ def perplexity(model, windows: torch.Tensor, protocol: str = "gptq", batch_size:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     start = _scored_from(protocol, windows.shape[1])
-    nll, count, kl_sum = 0.0, 0, 0.0
+    nll, count, kl_sum, base_nll = 0.0, 0, 0.0, 0.0
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i:i + batch_size]
         logits = _logits(model, batch)[:, start:-1]
@@ -69,11 +69,13 @@ def perplexity(model, windows: torch.Tensor, protocol: str = "gptq", batch_size:
         if baseline is not None:
             ref = F.log_softmax(_logits(baseline, batch)[:, start:-1].float(), dim=-1)
             kl_sum += (ref.exp() * (ref - logp)).sum().item()
+            base_nll += -ref.gather(-1, targets.unsqueeze(-1)).sum().item()
         if progress is not None:
             progress(batch.shape[0])
     return PplResult(ppl=math.exp(nll / count), nll_sum=nll, tokens=count, windows=windows.shape[0],
                      protocol=protocol, seqlen=windows.shape[1],
-                     kl_mean=None if baseline is None else kl_sum / count)
+                     kl_mean=None if baseline is None else kl_sum / count,
+                     extra={} if baseline is None else {"baseline_ppl": math.exp(base_nll / count)})
 
 
 def _logits(model, batch: torch.Tensor) -> torch.Tensor:
