@@ -252,7 +252,9 @@ class _Run:
         needs_packed = (self.reader is None and dist.world == 1) or (dist.main and self.calibrated and layer is not None)
         if needs_packed:
             if modules is None or split_weights:
-                modules = _packed_modules(writer.read_group(g.label), self.quantizer)
+                group = writer.read_group(g.label)
+                modules = _packed_modules(group, self.quantizer)
+                group.close()
             install_packed(self.model, modules)
             if layer is not None and self.calibrated:
                 nxt = run_layer(layer, self.inputs)

@@ -242,6 +242,10 @@ class ArtifactReader:
         self.path, self.manifest, self._handles = Path(path), manifest, {}
         return self
 
+    def close(self) -> None:
+        """Unmap the shards read so far."""
+        self._handles.clear()
+
     @property
     def tensors(self) -> dict[str, dict]:
         return self.manifest["tensors"]
