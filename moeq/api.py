@@ -17,7 +17,7 @@ import torch
 
 from moeq import __version__
 from moeq.errors import ArtifactError, MoeqError
-from moeq.formats.container import MANIFEST, ArtifactReader, ArtifactWriter
+from moeq.formats.container import MANIFEST, ArtifactReader, ArtifactWriter, check_output_free
 from moeq.models.adapter import Target, find_targets, install_packed, target_bias, target_weight
 from moeq.models.calib import StatsCollector, observing
 from moeq.models.layers import capture_layer_inputs, decoder_layers, layer_of, run_layer
@@ -37,7 +37,7 @@ def quantize(recipe: Recipe, out: str | Path, reporter: Reporter = Reporter()) -
     from moeq.models.loader import load_config, load_model, load_tokenizer, resolve
     from moeq.models.stream import CheckpointReader, build_empty
     quantizer, cfg = recipe.method_config()
-    _check_out(out)
+    check_output_free(Path(out))  # before any loading
     src = resolve(recipe.model)  # a bad path fails here, before any progress display
     if src.path is not None and src.gguf_file is None:
         config = load_config(src)
@@ -50,12 +50,6 @@ def quantize(recipe: Recipe, out: str | Path, reporter: Reporter = Reporter()) -
     calib = calibration_ids(tok, recipe) if quantizer.needs_calibration(cfg) else None
     return quantize_model(model, out, recipe, tokenizer=tok, source=src.spec, calib_ids=calib, reporter=reporter,
                           reader=reader)
-
-
-def _check_out(out) -> None:
-    p = Path(out)
-    if p.exists() and (not p.is_dir() or any(p.iterdir())):
-        raise MoeqError(f"output {p} already exists and is not empty; remove it or pick another")
 
 
 def calibration_ids(tokenizer, recipe: Recipe) -> torch.Tensor:

@@ -40,8 +40,6 @@ def evaluate(
         raise MoeqError(f"unknown protocol {protocol!r} (gptq | llamacpp)")
     with RichReporter(err_console) as rep:
         res = api.evaluate(model, None if no_baseline else baseline, spec, speed=speed, reporter=rep)
-        if no_baseline:
-            pass
     t = Table(title=f"moeq eval: {model or 'tiny-moe'}  ({res['ppl']['describe']}, corpus {corpus})")
     t.add_column("metric")
     t.add_column("moeq", justify="right")

@@ -51,8 +51,7 @@ class ArtifactWriter:
     def __init__(self, out: str | os.PathLike, run_key: str = "", resume: bool = True, join: bool = False):
         """``join``: attach to the run another process (rank 0) created, never creating or deleting anything."""
         self.out = Path(out)
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
-            raise ArtifactError(f"output {self.out} already exists and is not empty; remove it or pick another")
+        check_output_free(self.out)
         self.tmp = self.out.with_name(f".{self.out.name}.moeq-tmp")
         self.records: dict[str, dict] = {}
         run = {"run_key": run_key}
@@ -190,6 +189,12 @@ class ArtifactWriter:
     def abort(self) -> None:
         """Drop everything (errors in the user's input). A crash or kill keeps the temp dir for resuming."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def check_output_free(out: Path) -> None:
+    """An artifact is only ever written to a new or empty directory."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ArtifactError(f"output {out} already exists and is not empty; remove it or pick another")
 
 
 def _file_sha256(path: Path) -> str:
