@@ -35,7 +35,7 @@ def quantize(recipe: Recipe, out: str | Path, reporter: Reporter = Reporter()) -
     A local safetensors model is streamed: built on the meta device and read one decoder layer at a time from
     its shards. GGUF files and hub ids are loaded whole (their readers need it), then processed the same way."""
     from moeq.models.loader import load_config, load_model, load_tokenizer, resolve
-    from moeq.models.stream import CheckpointReader, build_empty
+    from moeq.models.stream import CheckpointReader, bound_heap, build_empty
     quantizer, cfg = recipe.method_config()
     check_output_free(Path(out))  # before any loading
     src = resolve(recipe.model)  # a bad path fails here, before any progress display
@@ -43,6 +43,7 @@ def quantize(recipe: Recipe, out: str | Path, reporter: Reporter = Reporter()) -
         config = load_config(src)
         reader = CheckpointReader(src.path)
         model, tok = build_empty(config), load_tokenizer(src)
+        bound_heap()
     else:
         with reporter.task("load model", None):
             model, tok, src = load_model(recipe.model)
@@ -94,10 +95,12 @@ def plan_groups(model, targets: list[Target]) -> tuple[list[Group], tuple[str, A
     for n in names:
         i = layer_of(n.rpartition(".")[0], prefix)
         (owned[i] if i is not None else base).append(n)
-    groups = [Group("base", None, None, [], base)]
+    # the head's quantized weights (lm_head on request) are read, processed and released with the head group
+    head_names = [n for t in head for n in (f"{t.module}.{t.param}", f"{t.module}.{t.bias}" if t.bias else None) if n]
+    groups = [Group("base", None, None, [], [n for n in base if n not in head_names])]
     groups += [Group(f"layer.{i}", f"{prefix}.{i}", i, by_layer[i], owned[i]) for i in sorted(by_layer)]
     if head:
-        groups.append(Group("head", None, None, head, []))
+        groups.append(Group("head", None, None, head, [n for n in base if n in head_names]))
     return groups, layers
 
 
@@ -182,9 +185,12 @@ class _Run:
         return self.calib_ids is not None
 
     def materialize(self, g: Group) -> None:
+        """Read the group's tensors: float32 where calibration computes with them, else in the checkpoint's dtype
+        (quantizers take each 2-D weight to float32 themselves, so the bytes written are the same)."""
         from moeq.models.stream import materialize
         if self.reader is not None and g.tensors:
-            materialize(self.model, g.tensors, self.reader)
+            computes = self.calibrated and g.label != "head"
+            materialize(self.model, g.tensors, self.reader, torch.float32 if computes else None)
 
     def release(self, layer) -> None:
         from moeq.models.stream import release
@@ -204,6 +210,10 @@ class _Run:
                 writer.tied.update(_ties(self.model, g.tensors))
                 if self.calibrated:
                     self.inputs = capture_layer_inputs(self.model, self.layers[1][0], list(self.calib_ids.split(8)))
+            if self.reader is not None:  # embeddings and head are not needed again: one layer at a time from here
+                from moeq.models.stream import release_params
+                release_params(self.model, g.tensors)
+                self.reader.close()
             return
         split_layers = dist.world > 1 and not self.calibrated and g.index is not None
         split_weights = dist.world > 1 and self.calibrated and g.index is not None
@@ -255,6 +265,9 @@ class _Run:
                 self.inputs.close()
                 self.inputs = nxt
         self.release(layer)
+        if layer is None and self.reader is not None:
+            from moeq.models.stream import release_params
+            release_params(self.model, g.tensors)
         self.task.advance(0, layer=g.label, read=_fmt_bytes(getattr(self.reader, "bytes_read", 0)),
                           written=_fmt_bytes(writer.bytes_written), rss=f"{peak_rss_mb():.0f} MB")
         if dist.main:
@@ -327,10 +340,12 @@ def _ties(model, names: list[str]) -> dict[str, str]:
     return tied
 
 
-def _packed_modules(reader: ArtifactReader, quantizer) -> dict[Target, torch.nn.Module]:
-    """Runtime modules for every packed entry a reader holds (decoded, checksummed)."""
+def _packed_modules(reader: ArtifactReader, quantizer, shard: str | None = None) -> dict[Target, torch.nn.Module]:
+    """Runtime modules for every packed entry a reader holds, or those in ``shard`` (decoded, checksummed)."""
     modules = {}
     for name, e in reader.tensors.items():
+        if shard is not None and e["shard"] != shard:
+            continue
         codec = CODECS.get(e["codec"])()
         q = codec.decode(reader.read_packed(name), e.get("meta", {}), tuple(e["shape"]), e["codec_version"])
         bias = None
@@ -386,9 +401,15 @@ def is_artifact(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype | None = torch.float32):
+def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype | None = torch.float32,
+         max_memory: int | None = None, offload_dir: str | Path | None = None):
     """Load a packed artifact: (model executing packed weights, tokenizer, ArtifactReader). Kept floating-point
-    tensors (embeddings, norms, routers) are cast to ``dtype`` (the compute dtype; None keeps the stored one)."""
+    tensors (embeddings, norms, routers) are cast to ``dtype`` (the compute dtype; None keeps the stored one).
+
+    ``max_memory`` (bytes) places the model with accelerate for artifacts larger than memory: embeddings, head and
+    the first decoder layers that fit stay in RAM, the rest is decoded once, one layer at a time, into
+    ``offload_dir`` (a temp dir by default, removed with the model) and each offloaded layer is read back from
+    disk for its forward (``accelerate.dispatch_model``, disk offload)."""
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoTokenizer
 
@@ -412,38 +433,148 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype |
     model = build_empty(config)
     method = reader.manifest["recipe"]["method"]
     quantizer = QUANTIZERS.get(method)()
-    with reporter.task("load kept tensors", len(reader.kept)) as task:
-        for name in reader.kept:
-            t = reader.read_kept(name)
-            set_module_tensor_to_device(model, name, "cpu", value=t.to(dtype) if dtype and t.is_floating_point() else t)
+    place = _placement(model, reader, max_memory, dtype) if max_memory is not None else {}
+    disk = {p for p, d in place.items() if d == "disk"}
+    offload_index: dict = {}
+    if disk:
+        offload_dir = _offload_dir(model, offload_dir)
+    shards = reader.manifest.get("shards") or sorted({e["shard"] for e in (*reader.tensors.values(), *reader.kept.values())})
+    with reporter.task("load" + (f" ({len(disk)} layers offloaded to disk)" if disk else ""), len(shards)) as task:
+        for shard in shards:  # one group (embeddings / a decoder layer / head) at a time
+            for name, e in reader.kept.items():
+                if e["shard"] == shard:
+                    t = reader.read_kept(name)
+                    set_module_tensor_to_device(model, name, "cpu",
+                                                value=t.to(dtype) if dtype and t.is_floating_point() else t)
+            modules = _packed_modules(reader, quantizer, shard=shard)
+            try:
+                install_packed(model, modules)
+            except (AttributeError, ValueError) as err:
+                raise ArtifactError(f"{path}: packed tensors do not fit the model ({err})") from None
+            reader.close()
+            for prefix in disk & {_layer_prefix(n, place) for n in (*(t.module for t in modules), *_kept_in(reader, shard))}:
+                _offload_layer(model, prefix, offload_dir, offload_index)
             task.advance(1)
         for alias, name in reader.manifest.get("tied", {}).items():
             set_alias(model, alias, name)
-    with reporter.task("load packed tensors", None):
-        modules = _packed_modules(reader, quantizer)
-    try:
-        install_packed(model, modules)
-    except (AttributeError, ValueError) as err:
-        raise ArtifactError(f"{path}: packed tensors do not fit the model ({err})") from None
-    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    offloaded = set(offload_index)
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+               if p.device.type == "meta" and n not in offloaded]
     if missing:
         raise ArtifactError(f"{path}: artifact lacks {len(missing)} tensors, e.g. {missing[0]}")
+    if disk:
+        from accelerate import dispatch_model
+        from accelerate.utils import save_offload_index
+        save_offload_index(offload_index, offload_dir)
+        dispatch_model(model, _device_map(model, place), main_device="cpu", offload_dir=str(offload_dir),
+                       offload_buffers=True)
     model.eval()
+    model.moeq_placement = {"max_memory": max_memory, "disk_layers": len(disk), "cpu_layers": len(place) - len(disk),
+                            "offload_dir": str(offload_dir) if disk else None}
     tok = AutoTokenizer.from_pretrained(str(path)) if (Path(path) / "tokenizer_config.json").is_file() else None
     return model, tok, reader
+
+
+
+def _kept_in(reader: ArtifactReader, shard: str) -> list[str]:
+    return [n.rpartition(".")[0] for n, e in reader.kept.items() if e["shard"] == shard]
+
+
+def _layer_prefix(module: str, place: dict[str, str]) -> str | None:
+    """The placed decoder layer (``model.layers.3``) that owns ``module``, if any."""
+    parts = module.split(".")
+    for k in range(len(parts), 0, -1):
+        p = ".".join(parts[:k])
+        if p in place:
+            return p
+    return None
+
+
+def _placement(model, reader: ArtifactReader, max_memory: int, dtype) -> dict[str, str]:
+    """Decoder layer fqn -> "cpu" | "disk": everything outside the layers stays in RAM, then layers in order
+    while their in-memory size (packed bytes + kept tensors in the compute dtype) fits ``max_memory``."""
+    layers = decoder_layers(model)
+    if layers is None:
+        raise MoeqError("--max-memory offload needs a decoder-only model (this one has no decoder-layer list)")
+    prefix, mlist = layers
+    sizes = [0] * len(mlist)
+    outside = 0
+
+    def add(module: str, nbytes: int) -> None:
+        nonlocal outside
+        i = layer_of(module, prefix)
+        if i is None:
+            outside += nbytes
+        else:
+            sizes[i] += nbytes
+
+    for e in reader.tensors.values():
+        add(e["module"], e["bytes"])
+    for name, e in reader.kept.items():
+        stored = getattr(torch, e["dtype"])
+        scale = torch.finfo(dtype).bits / torch.finfo(stored).bits if dtype and stored.is_floating_point else 1
+        add(name.rpartition(".")[0], int(e["bytes"] * scale))
+    if outside > max_memory:
+        raise MoeqError(f"embeddings, norms and head alone need {outside / 2**20:.0f} MiB, more than "
+                        f"--max-memory {max_memory / 2**20:.0f} MiB")
+    place, used, full = {}, outside, False
+    for i, n in enumerate(sizes):
+        full = full or used + n > max_memory
+        place[f"{prefix}.{i}"] = "disk" if full else "cpu"
+        used += 0 if full else n
+    return place
+
+
+def _offload_dir(model, offload_dir) -> Path:
+    import shutil
+    import tempfile
+    import weakref
+    if offload_dir is not None:
+        d = Path(offload_dir)
+        if d.exists() and any(d.iterdir()):
+            raise MoeqError(f"offload dir {d} is not empty; give a new or empty directory")
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    d = Path(tempfile.mkdtemp(prefix="moeq-offload-"))
+    weakref.finalize(model, shutil.rmtree, str(d), True)
+    return d
+
+
+def _offload_layer(model, prefix: str, offload_dir: Path, index: dict) -> None:
+    """Write a loaded decoder layer's tensors (state dict: weights, packed buffers) to ``offload_dir`` the way
+    accelerate's disk offload reads them, then put them on the meta device."""
+    from accelerate.utils import offload_weight, set_module_tensor_to_device
+    layer = model.get_submodule(prefix)
+    for name, t in layer.state_dict(keep_vars=True).items():
+        if t is None or t.device.type == "meta":
+            continue
+        offload_weight(t.detach(), f"{prefix}.{name}", str(offload_dir), index=index)
+        set_module_tensor_to_device(layer, name, "meta")
+    from moeq.models.stream import _trim_heap
+    _trim_heap()
+
+
+def _device_map(model, place: dict[str, str]) -> dict[str, str]:
+    """accelerate device map: the placed layers, and "cpu" for the module owning any other tensor."""
+    dm = dict(place)
+    for name in model.state_dict():
+        if _layer_prefix(name, place) is None:
+            dm[name.rpartition(".")[0]] = "cpu"
+    return dm
 
 
 # ---------------------------------------------------------------------------------------------------------
 # evaluate
 # ---------------------------------------------------------------------------------------------------------
-def load_any(spec: str | None, reporter: Reporter = Reporter()):
-    """An artifact directory or any model spec the loader understands: (model, tokenizer, manifest|None)."""
+def load_any(spec: str | None, reporter: Reporter = Reporter(), max_memory: int | None = None):
+    """An artifact directory or any model spec the loader understands: (model, tokenizer, manifest|None).
+    ``max_memory`` (bytes): place it with accelerate, offloading to disk what does not fit."""
     if spec is not None and is_artifact(spec):
-        model, tok, reader = load(spec, reporter)
+        model, tok, reader = load(spec, reporter, max_memory=max_memory)
         return model, tok, reader.manifest
     from moeq.models.loader import load_model
     with reporter.task(f"load {spec or 'default model'}", None):
-        model, tok, _ = load_model(spec)
+        model, tok, _ = load_model(spec, max_memory=max_memory)
     return model, tok, None
 
 
@@ -452,20 +583,22 @@ def peak_rss_mb() -> float:
 
 
 def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = EvalSpec(), speed: bool = True,
-             reporter: Reporter = Reporter()) -> dict[str, Any]:
-    """Perplexity (+ mean KL and ppl ratio against ``baseline`` measured in the same run), speed, memory."""
+             reporter: Reporter = Reporter(), max_memory: int | None = None) -> dict[str, Any]:
+    """Perplexity (+ mean KL and ppl ratio against ``baseline`` measured in the same run), speed, memory.
+    ``max_memory`` (bytes, per model): models larger than that are placed with accelerate and partly run from
+    disk (see ``load``)."""
     from moeq.data.corpus import load_text
     from moeq.eval.perplexity import perplexity, tokenize_windows
     from moeq.eval.speed import measure_speed
 
     t0 = time.perf_counter()
-    model, tok, manifest = load_any(target, reporter)
+    model, tok, manifest = load_any(target, reporter, max_memory)
     load_s = time.perf_counter() - t0
     if tok is None:
         raise MoeqError(f"{target}: no tokenizer files; cannot evaluate text perplexity")
     if baseline is None and manifest is not None:
         baseline = manifest.get("source", {}).get("model")
-    base = load_any(baseline, reporter)[0] if baseline else None
+    base = load_any(baseline, reporter, max_memory)[0] if baseline else None
     windows = tokenize_windows(tok, load_text(spec.corpus, "eval"), spec.seqlen, spec.windows)
     result: dict[str, Any] = {"model": target, "baseline": baseline, "corpus": spec.corpus, "load_seconds": round(load_s, 2)}
     with reporter.task("perplexity" + (" + baseline, KL" if base is not None else ""), windows.shape[0]) as task:
@@ -486,6 +619,8 @@ def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = E
             result["speed"] = measure_speed(model, windows[0])
             if base is not None:
                 result["baseline_speed"] = measure_speed(base, windows[0])
+    if getattr(model, "moeq_placement", {}).get("max_memory") is not None:
+        result["placement"] = model.moeq_placement
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result
 

@@ -90,6 +90,23 @@ def test_streamed_equals_in_memory_and_maps_per_expert_layout(published, tiny_mo
     assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
 
 
+def test_streamed_data_free_with_lm_head_equals_in_memory(published, tmp_path):
+    """Data-free streaming reads each layer in the checkpoint dtype (bf16 here) and still writes the bytes of the
+    in-memory float32 run; a quantized lm_head is read with the head group and stored once (packed, not kept)."""
+    from moeq.models.loader import load_model
+    recipe = Recipe(model=str(published), method="int8", options={"mode": "weight_only"}, include_lm_head=True)
+    streamed = api.quantize(recipe, tmp_path / "s")
+    m, tok, _ = load_model(str(published))
+    in_mem = api.quantize_model(m, tmp_path / "m", recipe, tokenizer=tok, source=str(published))
+    assert streamed["quantized_params"] == in_mem["quantized_params"]
+    a = json.loads((tmp_path / "s" / "moeq.json").read_text())
+    b = json.loads((tmp_path / "m" / "moeq.json").read_text())
+    assert "lm_head.weight" in a["tensors"] and "lm_head.weight" not in a["kept"]
+    assert {k: v["sha256"] for k, v in a["tensors"].items()} == {k: v["sha256"] for k, v in b["tensors"].items()}
+    assert set(a["kept"]) == set(b["kept"])
+    assert {v["dtype"] for v in a["kept"].values()} == {"bfloat16"}  # the checkpoint's dtype, as read
+
+
 MODES = {"calibrated": [], "data-free": ["--weight-only"]}
 
 

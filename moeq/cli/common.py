@@ -43,3 +43,18 @@ def write_json(path: Path | None, data) -> None:
     else:
         Path(path).write_text(text)
         err_console.print(f"wrote {path}")
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+          "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+
+
+def parse_size(text: str | None) -> int | None:
+    """'1.5GB', '800MiB', '4096' (bytes) -> bytes; units are binary (GB = GiB, as accelerate's max_memory)."""
+    if text is None:
+        return None
+    import re
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise MoeqError(f"--max-memory {text!r}: expected a positive size such as 800MB or 1.5GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])

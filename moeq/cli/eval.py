@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moeq.cli.common import console, err_console, one_line_errors, write_json
+from moeq.cli.common import console, err_console, one_line_errors, parse_size, write_json
 
 
 @one_line_errors
@@ -23,6 +23,9 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
     speed: Annotated[bool, typer.Option(help="measure prefill/decode tokens/s")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write results as JSON ('-' for stdout)")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(
+        help="RAM per model (e.g. 2GB): models larger are placed with accelerate (device_map auto) and the decoder "
+             "layers that do not fit run from a disk offload")] = None,
 ):
     """Perplexity, mean KL against the float model, speed, memory and bytes/param of a packed model."""
     from pydantic import ValidationError
@@ -39,7 +42,8 @@ def evaluate(
     if protocol not in ("gptq", "llamacpp"):
         raise MoeqError(f"unknown protocol {protocol!r} (gptq | llamacpp)")
     with RichReporter(err_console) as rep:
-        res = api.evaluate(model, None if no_baseline else baseline, spec, speed=speed, reporter=rep)
+        res = api.evaluate(model, None if no_baseline else baseline, spec, speed=speed, reporter=rep,
+                           max_memory=parse_size(max_memory))
     t = Table(title=f"moeq eval: {model or 'tiny-moe'}  ({res['ppl']['describe']}, corpus {corpus})")
     t.add_column("metric")
     t.add_column("moeq", justify="right")
@@ -60,6 +64,9 @@ def evaluate(
                 t.add_row(label, f"{sp[k]:.1f}", f"{bs[k]:.1f}" if bs else "-",
                           f"{sp[k] / bs[k]:.2f}x" if bs else "-")
     t.add_row("load time, s", f"{res['load_seconds']:.2f}", "", "")
+    if res.get("placement"):
+        p = res["placement"]
+        t.add_row("decoder layers in RAM / on disk", f"{p['cpu_layers']} / {p['disk_layers']}", "", "")
     t.add_row("peak RSS (process), MB", f"{res['peak_rss_mb']:.0f}", "", "")
     console.print(t)
     write_json(json_out, res)

@@ -102,22 +102,40 @@ def load_config(src: ModelSource):
         raise ModelLoadError(f"{src.spec}: cannot read the model config ({_first_line(e)})") from None
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device_map=None):
-    """Load ``spec`` fully into memory. Returns (model, tokenizer, ModelSource)."""
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device_map=None,
+               max_memory: int | None = None, offload_dir: str | None = None):
+    """Load ``spec`` into memory; with ``max_memory`` (bytes), placed by accelerate (``device_map="auto"``) with
+    what does not fit offloaded to disk (``offload_dir``, a temp dir by default). Returns (model, tokenizer,
+    ModelSource)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src = resolve(spec)
     if src.hub_id and not hub_reachable():
         raise ModelLoadError(f"{src.hub_id}: the Hugging Face hub is not reachable; {OFFLINE_HINT}")
     where = str(src.path) if src.path else src.hub_id
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    load_kw = {}
+    if max_memory is not None:
+        if offload_dir is None:
+            import shutil
+            import tempfile
+            import weakref
+            offload_dir = tempfile.mkdtemp(prefix="moeq-offload-")
+            cleanup = offload_dir
+        else:
+            cleanup = None
+        device_map = device_map or "auto"
+        load_kw = {"max_memory": {"cpu": int(max_memory)}, "offload_folder": str(offload_dir),
+                   "offload_state_dict": True}
     try:
         config = load_config(src)
         auto = AutoModelForCausalLM
         if type(config) not in auto._model_mapping and getattr(config, "is_encoder_decoder", False):
             from transformers import AutoModelForSeq2SeqLM
             auto = AutoModelForSeq2SeqLM
-        model = auto.from_pretrained(where, dtype=dtype, device_map=device_map, **kw)
+        model = auto.from_pretrained(where, dtype=dtype, device_map=device_map, **kw, **load_kw)
         tok = AutoTokenizer.from_pretrained(where, **kw)
+        if load_kw and cleanup:
+            weakref.finalize(model, shutil.rmtree, cleanup, True)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
