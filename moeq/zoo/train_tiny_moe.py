@@ -6,13 +6,21 @@ Everything is deterministic (fixed seed, fixed data order, fixed thread count) a
 CPU: about 25 minutes on 2 cores. Steps:
 
 1. train a byte-level BPE tokenizer (``tokenizers``) on the CALIBRATION split of the embedded Wikipedia corpus;
-2. train a ``MixtralForCausalLM`` (8 experts, top-2, router load-balancing aux loss) on the same calib text;
+2. train a ``MixtralForCausalLM`` (8 experts, top-2, PER-LAYER router load-balancing aux loss) on the same
+   calib text;
 3. save weights in bf16 (safetensors) + tokenizer as a normal Hugging Face directory;
 4. load the saved directory back in float32 and measure: eval-split perplexity ("gptq" protocol), a unigram
    baseline on the same predicted tokens, and the per-layer routing histogram; write ``card.json`` and the
    model card ``README.md``.
 
 The eval split (``wiki_split("eval")``) is used only in step 4, never for training.
+
+Why a per-layer balance loss: transformers' built-in Mixtral aux loss (``MixtralConfig(output_router_logits=True)``
+with labels) pools the expert counts and router probabilities of ALL layers before taking their product. It balances
+expert *index* e summed over layers, not each layer: a first full run with it (coef 0.01) ended with a pooled loss
+of 2.003 (2.0 = perfectly balanced) but with experts that received 0.0% of the tokens in layers 1 and 2 (busy in
+another layer, so the pooled loss kept pushing them down). Here the same Switch-Transformer loss
+(``load_balancing_loss_func``) is applied to each layer's router logits separately and averaged over layers.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "tiny-moe"
 SPECIAL = "<|endoftext|>"
@@ -58,9 +67,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--aux-coef", type=float, default=0.01, help="router load-balancing loss coefficient")
+    p.add_argument("--aux-coef", type=float, default=0.005,
+                   help="coefficient of the per-layer router load-balancing loss (mean over layers)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-eval", action="store_true", help="skip step 4 (measurements, card.json, README.md)")
+    p.add_argument("--ckpt", type=Path, default=None,
+                   help="checkpoint file: written every --ckpt-every steps, resumed from if present (bitwise the same "
+                        "result as an uninterrupted run), deleted when training completes")
+    p.add_argument("--ckpt-every", type=int, default=50)
     return p.parse_args(argv)
 
 
@@ -133,6 +147,16 @@ def batches(stream: torch.Tensor, seq_len: int, batch_size: int, steps: int, gen
         pending = pending[batch_size:]
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def fmt_s(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -150,6 +174,8 @@ def train(args, tokenizer, stream: torch.Tensor):
           f"({params['active_per_token'] / 1e6:.2f}M active/token), experts impl "
           f"{model.config._experts_implementation}", flush=True)
 
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -157,35 +183,70 @@ def train(args, tokenizer, stream: torch.Tensor):
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     gen = torch.Generator().manual_seed(args.seed)
     tok_per_step = args.batch_size * args.seq_len
-    t0 = time.time()
+    start, wall_prev, cpu_prev, history = 0, 0.0, 0.0, []
+    hp = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+          if k not in ("out", "no_eval", "ckpt", "ckpt_every")}
+    ckpt_every = -(-args.ckpt_every // args.log_every) * args.log_every  # whole logging intervals
+    if args.ckpt is not None and args.ckpt.is_file():
+        st = torch.load(args.ckpt, weights_only=False)
+        if st["hparams"] != hp or st["stream_len"] != stream.numel():
+            raise SystemExit(f"{args.ckpt} was written with other settings; delete it to start over")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start, wall_prev, cpu_prev, history = st["step"], st["wall_s"], st["cpu_s"], st["history"]
+        print(f"resumed from {args.ckpt} at step {start}", flush=True)
+    t0, c0 = time.time(), time.process_time()
     ce_acc, aux_acc, n_acc = 0.0, 0.0, 0
-    history = []
+    route_acc = torch.zeros(config.num_hidden_layers, config.num_local_experts, dtype=torch.float64)
     epoch = 1
     for step, (x, epoch) in enumerate(batches(stream, args.seq_len, args.batch_size, args.steps, gen)):
+        if step < start:  # replay the data order up to the checkpoint
+            continue
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        out = model(input_ids=x, labels=x, use_cache=False)
-        out.loss.backward()
+        out = model(input_ids=x, output_router_logits=True, use_cache=False)
+        ce_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+        aux_loss = torch.stack([load_balancing_loss_func((rl,), config.num_local_experts, config.num_experts_per_tok)
+                                for rl in out.router_logits]).mean()
+        (ce_loss + args.aux_coef * aux_loss).backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        aux = out.aux_loss.item()
-        ce_acc += out.loss.item() - args.aux_coef * aux
+        aux = aux_loss.item()
+        with torch.no_grad():  # routing shares over the logging interval: the early warning for dead experts
+            for li, rl in enumerate(out.router_logits):
+                route_acc[li] += torch.bincount(rl.topk(config.num_experts_per_tok, dim=-1).indices.flatten(),
+                                                minlength=config.num_local_experts).double()
+        ce_acc += ce_loss.item()
         aux_acc += aux
         n_acc += 1
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
-            el = time.time() - t0
+            run_s = time.time() - t0
+            el = wall_prev + run_s
             ce = ce_acc / n_acc
-            history.append({"step": done, "loss": round(ce, 4), "aux": round(aux_acc / n_acc, 4)})
+            share = route_acc / route_acc.sum(dim=1, keepdim=True)
+            route_min, route_max = float(share.min()), float(share.max() * config.num_local_experts)
+            history.append({"step": done, "loss": round(ce, 4), "aux": round(aux_acc / n_acc, 4),
+                            "route_min": round(route_min, 4), "route_max_over_mean": round(route_max, 3)})
             print(f"step {done:5d}/{args.steps}  ep {epoch}  loss {ce:.4f} (ppl {math.exp(ce):7.1f})  "
-                  f"aux {aux_acc / n_acc:.3f}  lr {lr:.2e}  gnorm {float(gnorm):.2f}  "
-                  f"{done * tok_per_step / el:6.0f} tok/s  elapsed {fmt_s(el)}  "
-                  f"ETA {fmt_s(el / done * (args.steps - done))}", flush=True)
+                  f"aux {aux_acc / n_acc:.3f}  route min {100 * route_min:4.1f}% max {route_max:.2f}x  lr {lr:.2e}  gnorm {float(gnorm):.2f}  "
+                  f"{(done - start) * tok_per_step / run_s:6.0f} tok/s  elapsed {fmt_s(el)}  "
+                  f"ETA {fmt_s(run_s / (done - start) * (args.steps - done))}", flush=True)
             ce_acc, aux_acc, n_acc = 0.0, 0.0, 0
-    wall = time.time() - t0
-    return model, {"wall_s": wall, "epochs": args.steps * tok_per_step / stream.numel(), "history": history,
+            route_acc.zero_()
+        if args.ckpt is not None and done % ckpt_every == 0 and done < args.steps:
+            tmp = args.ckpt.with_name(args.ckpt.name + ".tmp")
+            torch.save({"hparams": hp, "stream_len": stream.numel(), "step": done, "model": model.state_dict(),
+                        "opt": opt.state_dict(), "history": history, "wall_s": wall_prev + time.time() - t0,
+                        "cpu_s": cpu_prev + time.process_time() - c0}, tmp)
+            os.replace(tmp, args.ckpt)
+    wall = wall_prev + time.time() - t0
+    cpu = cpu_prev + time.process_time() - c0
+    if args.ckpt is not None and args.ckpt.is_file():
+        args.ckpt.unlink()
+    return model, {"wall_s": wall, "cpu_s": cpu, "epochs": args.steps * tok_per_step / stream.numel(), "history": history,
                    "params": params, "tokens_seen": args.steps * tok_per_step}
 
 
@@ -276,8 +337,8 @@ def write_card(out: Path, args, stats: dict, m: dict, n_calib_docs: int, n_calib
             "wall_s": round(stats["wall_s"], 1), "tokenizer_s": round(tok_s, 1),
             "final_train_loss": stats["history"][-1]["loss"] if stats["history"] else None,
             "hparams": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out",)},
-            "hardware": f"{platform.processor() or platform.machine()}, torch threads {args.threads}, "
-                        f"{os.cpu_count()} logical CPUs",
+            "cpu_s": round(stats["cpu_s"], 1),
+            "hardware": f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch threads {args.threads}",
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
         },
@@ -291,6 +352,10 @@ def write_card(out: Path, args, stats: dict, m: dict, n_calib_docs: int, n_calib
     head = "| layer | " + " | ".join(f"e{e}" for e in range(E)) + " | min | max/mean |"
     sep = "|" + "---|" * (E + 3)
     a = args
+    util = stats["cpu_s"] / stats["wall_s"] / a.threads
+    contention = ("" if util > 0.85 else
+                  " (the machine was shared with other jobs during this run, so this wall time is longer than on an "
+                  "idle machine)") if a.threads == 2 else ""
     size_mb = sum(files.values()) / 1e6
     readme = f"""---
 license: cc-by-sa-4.0
@@ -341,12 +406,17 @@ added automatically. Load with `transformers.AutoTokenizer.from_pretrained(dir)`
 - {a.steps} steps x {a.batch_size} sequences x {a.seq_len} tokens = {stats['tokens_seen']:,} tokens seen ({stats['epochs']:.2f} epochs).
 - AdamW (betas 0.9/0.95, weight decay {a.weight_decay} on matrices except embeddings), peak lr {a.lr:g}, {a.warmup} warmup steps,
   cosine decay to {a.min_lr_ratio:g}x, gradient clipping {a.grad_clip:g}, float32.
-- Loss: next-token cross-entropy + {a.aux_coef:g} x the router load-balancing auxiliary loss (Switch-Transformer style,
-  `MixtralConfig(output_router_logits=True, router_aux_loss_coef={a.aux_coef:g})`; switched off in the saved config).
+- Loss: next-token cross-entropy + {a.aux_coef:g} x the Switch-Transformer router load-balancing loss **computed per
+  layer** (transformers' `load_balancing_loss_func` on each layer's router logits, averaged over layers; 2.0 = balanced;
+  final value {stats['history'][-1]['aux']:.3f}). The built-in Mixtral aux loss pools all layers' counts before the
+  product, which balances expert indices across layers rather than within each layer and left dead experts in a
+  first run, hence the per-layer form. `output_router_logits` is off in the saved config.
 - Final training cross-entropy (mean of the last {a.log_every} steps): {stats['history'][-1]['loss']:.3f}.
 - Seed {a.seed}; deterministic data order; `torch.set_num_threads({a.threads})`.
-- Wall time: {fmt_s(stats['wall_s'])} for training ({stats['wall_s']:.0f} s) plus {tok_s:.0f} s for the tokenizer,
-  on {card['train']['hardware']}; torch {torch.__version__}, transformers {transformers.__version__}.
+- Wall time: {fmt_s(stats['wall_s'])} for training ({stats['wall_s']:.0f} s, {stats['tokens_seen'] / stats['wall_s']:.0f} tokens/s) plus
+  {tok_s:.0f} s for the tokenizer, on {card['train']['hardware']}; torch {torch.__version__},
+  transformers {transformers.__version__}. The training process used {stats['cpu_s']:.0f} CPU-seconds, i.e.
+  on average {stats['cpu_s'] / stats['wall_s']:.2f} busy cores for its {a.threads} threads{contention}.
 
 ## Evaluation (eval split, never trained on)
 
@@ -371,8 +441,8 @@ over all {res.windows * res.seqlen:,} eval-window tokens. Mean share = {100 / E:
 {sep}
 {rows}
 
-Every expert in every layer receives traffic (the load-balancing loss prevents dead experts), and routing is
-not uniform (the busiest expert of a layer gets up to {max(r['max_over_mean'] for r in per_layer):.2f}x the mean share).
+Least-used expert over all layers: {100 * float(hist.min()):.1f}% of the slots; busiest expert of a layer:
+up to {max(r['max_over_mean'] for r in per_layer):.2f}x the mean share (layer {max(per_layer, key=lambda r: r['max_over_mean'])['layer']}).
 
 ## Rebuild
 
@@ -380,8 +450,7 @@ not uniform (the busiest expert of a layer gets up to {max(r['max_over_mean'] fo
 python -m moeq.zoo.train_tiny_moe            # writes moeq/zoo/tiny-moe/ (use --out DIR elsewhere)
 ```
 
-Deterministic for a given machine/software stack ({a.threads} torch threads); about
-{fmt_s(stats['wall_s'] + tok_s + m['eval_s'] * 2)} on the hardware above. Floating-point results may differ bitwise
+Deterministic for a given machine/software stack ({a.threads} torch threads). Floating-point results may differ bitwise
 on other CPUs or library versions.
 
 ## License
