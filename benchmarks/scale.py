@@ -77,22 +77,36 @@ def write_checkpoint(d: Path, layers: int, tokenizer: Path, seed: int = 0) -> in
     return total
 
 
-def run_quantize(model_dir: Path, out: Path, method: str, mode: str, calib_samples: int, calib_seqlen: int):
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.with_name(f".{out.name}.moeq-tmp"), ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "moeq", "quantize", str(model_dir), "-o", str(out),
-           "--method", method, "--json", str(out.parent / f"{out.name}.json"),
-           "--calib-samples", str(calib_samples), "--calib-seqlen", str(calib_seqlen)]
-    if mode == "weight_only":
-        cmd.append("--weight-only")
+def timed_moeq(args: list[str], what: str) -> tuple[float, float]:
+    """Run ``python -m moeq ARGS`` under GNU time: (wall seconds, peak RSS in MB as the OS measured it)."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "moeq", *args]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "160"})
     wall = time.perf_counter() - t
     if r.returncode != 0:
-        raise SystemExit(f"quantize failed:\n{r.stderr[-3000:]}")
+        raise SystemExit(f"{what} failed:\n{r.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    res = json.loads((out.parent / f"{out.name}.json").read_text())
-    return wall, rss_kb / 1024, res
+    return wall, rss_kb / 1024
+
+
+def run_quantize(model_dir: Path, out: Path, method: str, mode: str, calib_samples: int, calib_seqlen: int):
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(f".{out.name}.moeq-tmp"), ignore_errors=True)
+    args = ["quantize", str(model_dir), "-o", str(out), "--method", method, "--json",
+            str(out.parent / f"{out.name}.json"), "--calib-samples", str(calib_samples), "--calib-seqlen", str(calib_seqlen)]
+    wall, rss = timed_moeq(args + (["--weight-only"] if mode == "weight_only" else []), "quantize")
+    return wall, rss, json.loads((out.parent / f"{out.name}.json").read_text())
+
+
+def run_eval(art: Path, max_memory: str) -> dict:
+    """``moeq eval`` of the artifact with ``--max-memory``: layers that do not fit are run from a disk offload.
+    One short window (the weights are random: the perplexity means nothing, the memory and the time do)."""
+    js = art.parent / f"{art.name}.eval.json"
+    wall, rss = timed_moeq(["eval", str(art), "--max-memory", max_memory, "--no-baseline", "--windows", "1",
+                            "--seqlen", "128", "--batch-size", "1", "--no-speed", "--json", str(js)], "eval")
+    res = json.loads(js.read_text())
+    return {"max_memory": max_memory, "wall_s": wall, "peak_rss_mb": rss, "load_s": res["load_seconds"],
+            "artifact_gb": res["total_bytes"] / 1e9, **res["placement"]}
 
 
 def main():
@@ -106,6 +120,8 @@ def main():
     ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--keep", action="store_true", help="keep the quantized outputs")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--eval-max-memory", default="1GB",
+                    help="then `moeq eval` the first artifact with this --max-memory (disk offload); '' skips it")
     a = ap.parse_args()
     if not (a.dir / "config.json").is_file():
         print(f"writing synthetic checkpoint to {a.dir} ...", flush=True)
@@ -126,6 +142,8 @@ def main():
                      "bits_per_param": res["bits_per_param"],
                      "projected_mixtral_8x7b_h": MIXTRAL_8X7B_BYTES / (rate * 1e9) / 3600,
                      "projected_deepseek_v3_h": DEEPSEEK_V3_BYTES / (rate * 1e9) / 3600})
+        if a.eval_max_memory and len(rows) == 1:
+            rows[0]["eval"] = run_eval(out, a.eval_max_memory)
         if not a.keep:
             shutil.rmtree(out, ignore_errors=True)
     from rich.console import Console
@@ -141,6 +159,11 @@ def main():
     Console().print(t)
     print("projections: bf16 bytes / measured input rate on this 2-core machine (Mixtral-8x7B 93.4 GB, "
           "DeepSeek-V3 1342 GB bf16-equivalent)")
+    ev = rows[0].get("eval") if rows else None
+    if ev:
+        print(f"moeq eval {rows[0]['mode']} artifact ({ev['artifact_gb']:.2f} GB) with --max-memory {ev['max_memory']}: "
+              f"{ev['cpu_layers']} layers in RAM, {ev['disk_layers']} on disk; peak RSS {ev['peak_rss_mb']:.0f} MB, "
+              f"load {ev['load_s']:.0f} s, total {ev['wall_s']:.0f} s (1 window of 128 tokens)")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
 

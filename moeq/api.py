@@ -21,6 +21,7 @@ from moeq.formats.container import MANIFEST, ArtifactReader, ArtifactWriter, che
 from moeq.models.adapter import Target, find_targets, install_packed, target_bias, target_weight
 from moeq.models.calib import StatsCollector, observing
 from moeq.models.layers import capture_layer_inputs, decoder_layers, layer_of, run_layer
+from moeq.models.offload import Offload
 from moeq.progress import Reporter
 from moeq.recipes import EvalSpec, Recipe
 from moeq.registry import CODECS, QUANTIZERS, load_builtins
@@ -433,134 +434,48 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype |
     model = build_empty(config)
     method = reader.manifest["recipe"]["method"]
     quantizer = QUANTIZERS.get(method)()
-    place = _placement(model, reader, max_memory, dtype) if max_memory is not None else {}
-    disk = {p for p, d in place.items() if d == "disk"}
-    offload_index: dict = {}
-    if disk:
-        offload_dir = _offload_dir(model, offload_dir)
+    off = Offload(model, _artifact_sizes(reader, dtype), max_memory, offload_dir) if max_memory is not None else None
     shards = reader.manifest.get("shards") or sorted({e["shard"] for e in (*reader.tensors.values(), *reader.kept.values())})
-    with reporter.task("load" + (f" ({len(disk)} layers offloaded to disk)" if disk else ""), len(shards)) as task:
+    label = f"load ({len(off.disk)} layers offloaded to disk)" if off and off.disk else "load"
+    with reporter.task(label, len(shards)) as task:
         for shard in shards:  # one group (embeddings / a decoder layer / head) at a time
-            for name, e in reader.kept.items():
-                if e["shard"] == shard:
-                    t = reader.read_kept(name)
-                    set_module_tensor_to_device(model, name, "cpu",
-                                                value=t.to(dtype) if dtype and t.is_floating_point() else t)
+            kept = [n for n, e in reader.kept.items() if e["shard"] == shard]
+            for name in kept:
+                t = reader.read_kept(name)
+                set_module_tensor_to_device(model, name, "cpu",
+                                            value=t.to(dtype) if dtype and t.is_floating_point() else t)
             modules = _packed_modules(reader, quantizer, shard=shard)
             try:
                 install_packed(model, modules)
             except (AttributeError, ValueError) as err:
                 raise ArtifactError(f"{path}: packed tensors do not fit the model ({err})") from None
             reader.close()
-            for prefix in disk & {_layer_prefix(n, place) for n in (*(t.module for t in modules), *_kept_in(reader, shard))}:
-                _offload_layer(model, prefix, offload_dir, offload_index)
+            if off is not None:
+                off.offload_if_disk([t.module for t in modules] + [n.rpartition(".")[0] for n in kept])
             task.advance(1)
         for alias, name in reader.manifest.get("tied", {}).items():
             set_alias(model, alias, name)
-    offloaded = set(offload_index)
+    offloaded = set(off.index) if off is not None else set()
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
                if p.device.type == "meta" and n not in offloaded]
     if missing:
         raise ArtifactError(f"{path}: artifact lacks {len(missing)} tensors, e.g. {missing[0]}")
-    if disk:
-        from accelerate import dispatch_model
-        from accelerate.utils import save_offload_index
-        save_offload_index(offload_index, offload_dir)
-        dispatch_model(model, _device_map(model, place), main_device="cpu", offload_dir=str(offload_dir),
-                       offload_buffers=True)
+    if off is not None:
+        off.dispatch()
     model.eval()
-    model.moeq_placement = {"max_memory": max_memory, "disk_layers": len(disk), "cpu_layers": len(place) - len(disk),
-                            "offload_dir": str(offload_dir) if disk else None}
     tok = AutoTokenizer.from_pretrained(str(path)) if (Path(path) / "tokenizer_config.json").is_file() else None
     return model, tok, reader
 
 
 
-def _kept_in(reader: ArtifactReader, shard: str) -> list[str]:
-    return [n.rpartition(".")[0] for n, e in reader.kept.items() if e["shard"] == shard]
-
-
-def _layer_prefix(module: str, place: dict[str, str]) -> str | None:
-    """The placed decoder layer (``model.layers.3``) that owns ``module``, if any."""
-    parts = module.split(".")
-    for k in range(len(parts), 0, -1):
-        p = ".".join(parts[:k])
-        if p in place:
-            return p
-    return None
-
-
-def _placement(model, reader: ArtifactReader, max_memory: int, dtype) -> dict[str, str]:
-    """Decoder layer fqn -> "cpu" | "disk": everything outside the layers stays in RAM, then layers in order
-    while their in-memory size (packed bytes + kept tensors in the compute dtype) fits ``max_memory``."""
-    layers = decoder_layers(model)
-    if layers is None:
-        raise MoeqError("--max-memory offload needs a decoder-only model (this one has no decoder-layer list)")
-    prefix, mlist = layers
-    sizes = [0] * len(mlist)
-    outside = 0
-
-    def add(module: str, nbytes: int) -> None:
-        nonlocal outside
-        i = layer_of(module, prefix)
-        if i is None:
-            outside += nbytes
-        else:
-            sizes[i] += nbytes
-
+def _artifact_sizes(reader: ArtifactReader, dtype):
+    """(owning module, in-memory bytes) of every tensor of an artifact: packed as stored, kept in ``dtype``."""
     for e in reader.tensors.values():
-        add(e["module"], e["bytes"])
+        yield e["module"], e["bytes"]
     for name, e in reader.kept.items():
         stored = getattr(torch, e["dtype"])
         scale = torch.finfo(dtype).bits / torch.finfo(stored).bits if dtype and stored.is_floating_point else 1
-        add(name.rpartition(".")[0], int(e["bytes"] * scale))
-    if outside > max_memory:
-        raise MoeqError(f"embeddings, norms and head alone need {outside / 2**20:.0f} MiB, more than "
-                        f"--max-memory {max_memory / 2**20:.0f} MiB")
-    place, used, full = {}, outside, False
-    for i, n in enumerate(sizes):
-        full = full or used + n > max_memory
-        place[f"{prefix}.{i}"] = "disk" if full else "cpu"
-        used += 0 if full else n
-    return place
-
-
-def _offload_dir(model, offload_dir) -> Path:
-    import shutil
-    import tempfile
-    import weakref
-    if offload_dir is not None:
-        d = Path(offload_dir)
-        if d.exists() and any(d.iterdir()):
-            raise MoeqError(f"offload dir {d} is not empty; give a new or empty directory")
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-    d = Path(tempfile.mkdtemp(prefix="moeq-offload-"))
-    weakref.finalize(model, shutil.rmtree, str(d), True)
-    return d
-
-
-def _offload_layer(model, prefix: str, offload_dir: Path, index: dict) -> None:
-    """Write a loaded decoder layer's tensors (state dict: weights, packed buffers) to ``offload_dir`` the way
-    accelerate's disk offload reads them, then put them on the meta device."""
-    from accelerate.utils import offload_weight, set_module_tensor_to_device
-    layer = model.get_submodule(prefix)
-    for name, t in layer.state_dict(keep_vars=True).items():
-        if t is None or t.device.type == "meta":
-            continue
-        offload_weight(t.detach(), f"{prefix}.{name}", str(offload_dir), index=index)
-        set_module_tensor_to_device(layer, name, "meta")
-    from moeq.models.stream import _trim_heap
-    _trim_heap()
-
-
-def _device_map(model, place: dict[str, str]) -> dict[str, str]:
-    """accelerate device map: the placed layers, and "cpu" for the module owning any other tensor."""
-    dm = dict(place)
-    for name in model.state_dict():
-        if _layer_prefix(name, place) is None:
-            dm[name.rpartition(".")[0]] = "cpu"
-    return dm
+        yield name.rpartition(".")[0], int(e["bytes"] * scale)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -583,7 +498,7 @@ def peak_rss_mb() -> float:
 
 
 def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = EvalSpec(), speed: bool = True,
-             reporter: Reporter = Reporter(), max_memory: int | None = None) -> dict[str, Any]:
+             reporter: Reporter = Reporter(), max_memory: int | None = None, use_baseline: bool = True) -> dict[str, Any]:
     """Perplexity (+ mean KL and ppl ratio against ``baseline`` measured in the same run), speed, memory.
     ``max_memory`` (bytes, per model): models larger than that are placed with accelerate and partly run from
     disk (see ``load``)."""
@@ -596,7 +511,9 @@ def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = E
     load_s = time.perf_counter() - t0
     if tok is None:
         raise MoeqError(f"{target}: no tokenizer files; cannot evaluate text perplexity")
-    if baseline is None and manifest is not None:
+    if not use_baseline:
+        baseline = None
+    elif baseline is None and manifest is not None:
         baseline = manifest.get("source", {}).get("model")
     base = load_any(baseline, reporter, max_memory)[0] if baseline else None
     windows = tokenize_windows(tok, load_text(spec.corpus, "eval"), spec.seqlen, spec.windows)

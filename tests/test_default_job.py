@@ -25,7 +25,7 @@ def test_default_job_quantizes_and_evaluates_tiny_moe(tmp_path):
     # experts the router never picks get no calibration tokens: quantized data-free, visibly, and counted
     starved = [e for e in experts if e["calib_tokens"] == 0]
     assert all("fallback" in e for e in starved) and m["totals"]["fallbacks"] == len(starved)
-    assert len(starved) < len(experts) // 4
+    assert not starved  # tiny-moe has no dead experts: calibration reaches every expert of every layer
     r = runner.invoke(app, ["eval", str(out), "--windows", "4", "--seqlen", "256", "--no-speed",
                             "--json", str(tmp_path / "e.json")])
     assert r.exit_code == 0, r.output

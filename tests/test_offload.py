@@ -60,3 +60,21 @@ def test_cli_bad_max_memory_is_one_line(artifact, size, msg):
     r = CliRunner().invoke(app, ["eval", str(artifact), "--max-memory", size, "--windows", "1", "--no-speed"])
     assert r.exit_code == 2
     assert msg in r.output and "Traceback" not in r.output
+
+
+def test_float_model_offloaded_matches(tiny_model_dir, tmp_path):
+    """The float baseline under a budget is streamed layer by layer into the offload, same logits."""
+    from moeq.models.loader import load_model
+    full, _, _ = load_model(str(tiny_model_dir))
+    off, _, _ = load_model(str(tiny_model_dir), max_memory=300 * 1024, offload_dir=tmp_path / "off")
+    assert off.moeq_placement["disk_layers"] >= 1
+    ids = torch.randint(0, full.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(off(ids).logits, full(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_no_baseline_skips_the_source_model(artifact, tmp_path):
+    r = CliRunner().invoke(app, ["eval", str(artifact), "--no-baseline", "--windows", "1", "--seqlen", "64",
+                                 "--no-speed", "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["baseline"] is None and "baseline_ppl" not in res and "kl_mean" not in res

@@ -42,8 +42,8 @@ def evaluate(
     if protocol not in ("gptq", "llamacpp"):
         raise MoeqError(f"unknown protocol {protocol!r} (gptq | llamacpp)")
     with RichReporter(err_console) as rep:
-        res = api.evaluate(model, None if no_baseline else baseline, spec, speed=speed, reporter=rep,
-                           max_memory=parse_size(max_memory))
+        res = api.evaluate(model, baseline, spec, speed=speed, reporter=rep, max_memory=parse_size(max_memory),
+                           use_baseline=not no_baseline)
     t = Table(title=f"moeq eval: {model or 'tiny-moe'}  ({res['ppl']['describe']}, corpus {corpus})")
     t.add_column("metric")
     t.add_column("moeq", justify="right")

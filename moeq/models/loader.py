@@ -113,29 +113,16 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
         raise ModelLoadError(f"{src.hub_id}: the Hugging Face hub is not reachable; {OFFLINE_HINT}")
     where = str(src.path) if src.path else src.hub_id
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    load_kw = {}
     if max_memory is not None:
-        if offload_dir is None:
-            import shutil
-            import tempfile
-            import weakref
-            offload_dir = tempfile.mkdtemp(prefix="moeq-offload-")
-            cleanup = offload_dir
-        else:
-            cleanup = None
-        device_map = device_map or "auto"
-        load_kw = {"max_memory": {"cpu": int(max_memory)}, "offload_folder": str(offload_dir),
-                   "offload_state_dict": True}
+        return _load_offloaded(src, dtype, max_memory, offload_dir)
     try:
         config = load_config(src)
         auto = AutoModelForCausalLM
         if type(config) not in auto._model_mapping and getattr(config, "is_encoder_decoder", False):
             from transformers import AutoModelForSeq2SeqLM
             auto = AutoModelForSeq2SeqLM
-        model = auto.from_pretrained(where, dtype=dtype, device_map=device_map, **kw, **load_kw)
+        model = auto.from_pretrained(where, dtype=dtype, device_map=device_map, **kw)
         tok = AutoTokenizer.from_pretrained(where, **kw)
-        if load_kw and cleanup:
-            weakref.finalize(model, shutil.rmtree, cleanup, True)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -146,6 +133,31 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
             _cache_conversion(model, tok, cache_dir() / "smollm2-135m")
     model.eval()
     return model, tok, src
+
+
+def _load_offloaded(src: ModelSource, dtype, max_memory: int, offload_dir):
+    """A local safetensors model under a memory budget: streamed layer by layer into an accelerate disk offload
+    (moeq.models.offload). Other sources (GGUF, hub) go through transformers' own ``device_map="auto"``."""
+    from moeq.models.offload import load_float_offloaded
+    if src.path is not None and src.gguf_file is None:
+        model = load_float_offloaded(src.path, load_config(src), max_memory, dtype, offload_dir)
+        return model, load_tokenizer(src), src
+    import shutil
+    import tempfile
+    import weakref
+    from transformers import AutoModelForCausalLM
+    folder = offload_dir or tempfile.mkdtemp(prefix="moeq-offload-")
+    where = str(src.path) if src.path else src.hub_id
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map="auto", offload_folder=str(folder),
+                                                     max_memory={"cpu": int(max_memory)}, **kw)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"{src.spec}: cannot load model ({_first_line(e)})") from None
+    if offload_dir is None:
+        weakref.finalize(model, shutil.rmtree, folder, True)
+    model.eval()
+    return model, load_tokenizer(src), src
 
 
 def load_tokenizer(src: ModelSource):
