@@ -48,6 +48,9 @@ class Offload:
             used += 0 if full else n
         self.disk = {p for p, d in self.place.items() if d == "disk"}
         self.dir = _offload_dir(model, offload_dir) if self.disk else None
+        if self.disk:  # layers come and go for every forward: give their memory back to the OS each time
+            from moeq.models.stream import bound_heap
+            bound_heap()
 
     def layer_of(self, module: str) -> str | None:
         """The placed decoder layer (``model.layers.3``) that owns ``module``, if any."""
