@@ -193,11 +193,16 @@ class _Run:
             computes = self.calibrated and g.label != "head"
             materialize(self.model, g.tensors, self.reader, torch.float32 if computes else None)
 
-    def release(self, layer) -> None:
-        from moeq.models.stream import release
-        if self.reader is not None and layer is not None:
+    def release(self, g: Group, layer) -> None:
+        """Streaming: drop a processed group (a decoder layer whole, else its own parameters) and unmap its shards."""
+        from moeq.models.stream import release, release_params
+        if self.reader is None:
+            return
+        if layer is not None:
             release(layer)
-            self.reader.close()
+        else:
+            release_params(self.model, g.tensors)
+        self.reader.close()
 
     def process(self, g: Group) -> None:
         dist, writer = self.dist, self.writer
@@ -211,10 +216,7 @@ class _Run:
                 writer.tied.update(_ties(self.model, g.tensors))
                 if self.calibrated:
                     self.inputs = capture_layer_inputs(self.model, self.layers[1][0], list(self.calib_ids.split(8)))
-            if self.reader is not None:  # embeddings and head are not needed again: one layer at a time from here
-                from moeq.models.stream import release_params
-                release_params(self.model, g.tensors)
-                self.reader.close()
+            self.release(g, None)  # embeddings and head are not needed again: one layer at a time from here
             return
         split_layers = dist.world > 1 and not self.calibrated and g.index is not None
         split_weights = dist.world > 1 and self.calibrated and g.index is not None
@@ -265,10 +267,7 @@ class _Run:
                 nxt = run_layer(layer, self.inputs)
                 self.inputs.close()
                 self.inputs = nxt
-        self.release(layer)
-        if layer is None and self.reader is not None:
-            from moeq.models.stream import release_params
-            release_params(self.model, g.tensors)
+        self.release(g, layer)
         self.task.advance(0, layer=g.label, read=_fmt_bytes(getattr(self.reader, "bytes_read", 0)),
                           written=_fmt_bytes(writer.bytes_written), rss=f"{peak_rss_mb():.0f} MB")
         if dist.main:
@@ -465,7 +464,6 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype |
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(path)) if (Path(path) / "tokenizer_config.json").is_file() else None
     return model, tok, reader
-
 
 
 def _artifact_sizes(reader: ArtifactReader, dtype):

@@ -104,60 +104,44 @@ def load_config(src: ModelSource):
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device_map=None,
                max_memory: int | None = None, offload_dir: str | None = None):
-    """Load ``spec`` into memory; with ``max_memory`` (bytes), placed by accelerate (``device_map="auto"``) with
-    what does not fit offloaded to disk (``offload_dir``, a temp dir by default). Returns (model, tokenizer,
-    ModelSource)."""
+    """Load ``spec`` into memory; with ``max_memory`` (bytes), placed by accelerate with what does not fit offloaded
+    to disk (``offload_dir``, a temp dir by default): local safetensors models are streamed into the offload layer
+    by layer (moeq.models.offload), GGUF and hub models go through transformers' ``device_map="auto"``.
+    Returns (model, tokenizer, ModelSource)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src = resolve(spec)
     if src.hub_id and not hub_reachable():
         raise ModelLoadError(f"{src.hub_id}: the Hugging Face hub is not reachable; {OFFLINE_HINT}")
+    folder, temp = None, False
+    if max_memory is not None:
+        from moeq.models.offload import load_float_offloaded, offload_folder, remove_with
+        if src.path is not None and src.gguf_file is None:  # local safetensors: streamed layer by layer
+            model = load_float_offloaded(src.path, load_config(src), max_memory, dtype, offload_dir)
+            return model, load_tokenizer(src), src
+        folder, temp = offload_folder(offload_dir)  # GGUF / hub: transformers' own placement
     where = str(src.path) if src.path else src.hub_id
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    if max_memory is not None:
-        return _load_offloaded(src, dtype, max_memory, offload_dir)
+    placed = {} if folder is None else {"max_memory": {"cpu": int(max_memory)}, "offload_folder": str(folder)}
     try:
         config = load_config(src)
         auto = AutoModelForCausalLM
         if type(config) not in auto._model_mapping and getattr(config, "is_encoder_decoder", False):
             from transformers import AutoModelForSeq2SeqLM
             auto = AutoModelForSeq2SeqLM
-        model = auto.from_pretrained(where, dtype=dtype, device_map=device_map, **kw)
+        model = auto.from_pretrained(where, dtype=dtype, device_map="auto" if placed else device_map, **kw, **placed)
         tok = AutoTokenizer.from_pretrained(where, **kw)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"{src.spec}: cannot load model ({_first_line(e)})") from None
+    if temp:
+        remove_with(model, folder)
     if src.gguf_file:
         _strip_gguf_quant_config(model)
         if src.spec == "smollm2-135m":
             _cache_conversion(model, tok, cache_dir() / "smollm2-135m")
     model.eval()
     return model, tok, src
-
-
-def _load_offloaded(src: ModelSource, dtype, max_memory: int, offload_dir):
-    """A local safetensors model under a memory budget: streamed layer by layer into an accelerate disk offload
-    (moeq.models.offload). Other sources (GGUF, hub) go through transformers' own ``device_map="auto"``."""
-    from moeq.models.offload import load_float_offloaded
-    if src.path is not None and src.gguf_file is None:
-        model = load_float_offloaded(src.path, load_config(src), max_memory, dtype, offload_dir)
-        return model, load_tokenizer(src), src
-    import shutil
-    import tempfile
-    import weakref
-    from transformers import AutoModelForCausalLM
-    folder = offload_dir or tempfile.mkdtemp(prefix="moeq-offload-")
-    where = str(src.path) if src.path else src.hub_id
-    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map="auto", offload_folder=str(folder),
-                                                     max_memory={"cpu": int(max_memory)}, **kw)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"{src.spec}: cannot load model ({_first_line(e)})") from None
-    if offload_dir is None:
-        weakref.finalize(model, shutil.rmtree, folder, True)
-    model.eval()
-    return model, load_tokenizer(src), src
 
 
 def load_tokenizer(src: ModelSource):

@@ -40,30 +40,30 @@ class Offload:
         if outside > max_memory:
             raise MoeqError(f"embeddings, norms and head alone need {outside / 2**20:.0f} MiB, more than "
                             f"--max-memory {max_memory / 2**20:.0f} MiB")
-        self.model, self.max_memory, self.place, self.index = model, max_memory, {}, {}
+        self.model, self.prefix, self.max_memory, self.place, self.index = model, prefix, max_memory, {}, {}
         used, full = outside, False
         for i, n in enumerate(per_layer):  # in order, like accelerate's "sequential" placement
             full = full or used + n > max_memory
             self.place[f"{prefix}.{i}"] = "disk" if full else "cpu"
             used += 0 if full else n
         self.disk = {p for p, d in self.place.items() if d == "disk"}
-        self.dir = _offload_dir(model, offload_dir) if self.disk else None
+        self.dir = None
+        if self.disk:
+            self.dir, temp = offload_folder(offload_dir)
+            if temp:
+                remove_with(model, self.dir)
         if self.disk:  # layers come and go for every forward: give their memory back to the OS each time
             from moeq.models.stream import bound_heap
             bound_heap()
 
-    def layer_of(self, module: str) -> str | None:
-        """The placed decoder layer (``model.layers.3``) that owns ``module``, if any."""
-        parts = module.split(".")
-        for k in range(len(parts), 0, -1):
-            p = ".".join(parts[:k])
-            if p in self.place:
-                return p
-        return None
+    def owner(self, module: str) -> str | None:
+        """The decoder layer (``model.layers.3``) that owns ``module``, if any."""
+        i = layer_of(module, self.prefix)
+        return None if i is None else f"{self.prefix}.{i}"
 
     def offload_if_disk(self, modules: Iterable[str]) -> None:
         """Offload the disk-placed layers owning any of ``modules`` (just loaded) to the folder."""
-        for prefix in self.disk & {self.layer_of(m) for m in modules}:
+        for prefix in self.disk & {self.owner(m) for m in modules}:
             self._offload_layer(prefix)
 
     def _offload_layer(self, prefix: str) -> None:
@@ -86,7 +86,7 @@ class Offload:
             save_offload_index(self.index, str(self.dir))
             dm = dict(self.place)
             for name in self.model.state_dict():
-                if self.layer_of(name) is None:
+                if self.owner(name) is None:
                     dm[name.rpartition(".")[0]] = "cpu"
             dispatch_model(self.model, dm, main_device="cpu", offload_dir=str(self.dir), offload_buffers=True)
         self.model.moeq_placement = {"max_memory": self.max_memory, "disk_layers": len(self.disk),
@@ -94,19 +94,23 @@ class Offload:
                                      "offload_dir": str(self.dir) if self.dir else None}
 
 
-def _offload_dir(model, offload_dir) -> Path:
-    if offload_dir is not None:
-        d = Path(offload_dir)
-        if d.exists() and any(d.iterdir()):
-            raise MoeqError(f"offload dir {d} is not empty; give a new or empty directory")
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-    d = Path(tempfile.mkdtemp(prefix="moeq-offload-"))
-    weakref.finalize(model, shutil.rmtree, str(d), True)  # removed with the model
-    return d
+def offload_folder(offload_dir=None) -> tuple[Path, bool]:
+    """A new or empty folder for offloaded weights: ``offload_dir``, else a fresh temp dir (then True: the caller
+    removes it with the model, ``remove_with``)."""
+    if offload_dir is None:
+        return Path(tempfile.mkdtemp(prefix="moeq-offload-")), True
+    d = Path(offload_dir)
+    if d.exists() and any(d.iterdir()):
+        raise MoeqError(f"offload dir {d} is not empty; give a new or empty directory")
+    d.mkdir(parents=True, exist_ok=True)
+    return d, False
 
 
-def load_float_offloaded(path: Path, config, max_memory: int, dtype=torch.float32, offload_dir=None, progress=None):
+def remove_with(model, folder: Path) -> None:
+    weakref.finalize(model, shutil.rmtree, str(folder), True)
+
+
+def load_float_offloaded(path: Path, config, max_memory: int, dtype=torch.float32, offload_dir=None):
     """A float safetensors checkpoint placed under ``max_memory``: built on the meta device, read group by group
     through the streaming reader (published per-expert layouts fused as transformers does), offloaded as above."""
     from moeq.models.stream import CheckpointReader, build_empty, materialize
@@ -118,12 +122,10 @@ def load_float_offloaded(path: Path, config, max_memory: int, dtype=torch.float3
                           for n, t in sd.items()), max_memory, offload_dir)
     groups: dict[str | None, list[str]] = {}
     for n in sd:
-        groups.setdefault(off.layer_of(n), []).append(n)
+        groups.setdefault(off.owner(n), []).append(n)
     for names in groups.values():  # state-dict order: embeddings, then one decoder layer after another
         materialize(model, names, reader, dtype)
         off.offload_if_disk(n.rpartition(".")[0] for n in names)
-        if progress is not None:
-            progress()
     off.dispatch()
     model.eval()
     return model

@@ -21,10 +21,11 @@ from moeq.errors import ModelLoadError
 
 # checkpoint spelling -> model spelling (transformers' own renames for these families)
 RENAMES = ((".block_sparse_moe.", ".mlp."),)
-# fused model parameter -> per-expert checkpoint tensors concatenated along the output dim, per layout
+# safetensors dtype names
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# fused model parameter -> per-expert checkpoint tensors concatenated along the output dim, per layout
 FUSED_SOURCES = {
     "gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
     "up_proj": (("w3",), ("up_proj",)),
