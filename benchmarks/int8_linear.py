@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.benchmark import Timer
 
-from moeq.quant.base import ChannelStats
-from moeq.registry import QUANTIZERS, load_builtins
+from moeq.quant.base import Stats
+from moeq.registry import QUANTIZERS, RUNTIMES, load_builtins
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096)]      # (in, out)
 REAL = {(576, 1536): "gate_proj", (1536, 576): "down_proj"}
@@ -53,8 +53,8 @@ def moeq_int8(**opts) -> Callable:
         q = QUANTIZERS.get("int8")()
         cfg = q.Config(**opts)
         a = calib.abs()
-        stats = ChannelStats(tokens=a.shape[0], amax=a.amax(0), hits=(a >= cfg.threshold).sum(0))
-        return q.module(q.quantize(w, cfg, stats), None)
+        stats = Stats(a.shape[0], {"amax": a.amax(0), "hits": (a >= cfg.threshold).sum(0)})
+        return RUNTIMES.get(q.codec)(q.quantize(w, cfg, stats), None)
     return build
 
 

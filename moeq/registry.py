@@ -1,5 +1,6 @@
-"""One tiny registry type. ``QUANTIZERS`` and ``CODECS`` are its instances; the codec registry is the only
-allow-list a loader consults (never a second hand-kept list, never code named by a file)."""
+"""One tiny registry type. ``QUANTIZERS`` (method name -> Quantizer class), ``CODECS`` (codec name -> Codec
+class) and ``RUNTIMES`` (codec name -> ``factory(q: QTensor, bias) -> nn.Module``) are its instances; the codec
+registry is the only allow-list a loader consults (never a second hand-kept list, never code named by a file)."""
 
 from __future__ import annotations
 
@@ -40,9 +41,23 @@ class Registry(Generic[T]):
 
 QUANTIZERS: Registry = Registry("method")
 CODECS: Registry = Registry("codec")
+RUNTIMES: Registry = Registry("runtime")
+
+# packages whose modules register built-in methods, codecs and runtimes when imported
+BUILTIN_PACKAGES = ("moeq.quant", "moeq.formats.codecs", "moeq.runtime")
+_loaded = False
 
 
 def load_builtins() -> None:
-    """Import the built-in methods and codecs (they register themselves). Called lazily, never at import."""
-    import moeq.formats.codecs  # noqa: F401
-    import moeq.quant.int8  # noqa: F401
+    """Import every module of the built-in packages (they register themselves): discovered, not listed by hand.
+    Called lazily, never at import."""
+    global _loaded
+    if _loaded:
+        return
+    import importlib
+    import pkgutil
+    for pkg_name in BUILTIN_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{pkg_name}.{mod.name}")
+    _loaded = True

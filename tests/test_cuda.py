@@ -4,8 +4,9 @@ and the dequantizing weight-only path give the CPU results."""
 import pytest
 import torch
 
-from moeq.quant.base import ChannelStats
+from moeq.quant.base import Stats
 from moeq.registry import QUANTIZERS, load_builtins
+from moeq.runtime.int8 import Int8Linear
 
 load_builtins()
 Q = QUANTIZERS.get("int8")()
@@ -20,8 +21,8 @@ def test_int8_linear_cuda_matches_cpu(m, mode):
     xc = torch.randn(128, 512, generator=g)
     xc[:, 7] *= 30
     cfg = Q.Config(mode=mode)
-    stats = ChannelStats(128, xc.abs().amax(0), (xc.abs() >= 6).sum(0)) if Q.needs_calibration(cfg) else None
-    mod = Q.module(Q.quantize(w, cfg, stats), None)
+    stats = Stats(128, {"amax": xc.abs().amax(0), "hits": (xc.abs() >= 6).sum(0)}) if Q.needs_calibration(cfg) else None
+    mod = Int8Linear(Q.quantize(w, cfg, stats), None)
     x = torch.randn(m, 512, generator=g)
     x[:, 7] *= 30
     cpu = mod(x)

@@ -2,7 +2,7 @@
 
 import torch
 
-from moeq.quant.base import ChannelStats, QTensor
+from moeq.quant.base import QTensor, Stats
 from moeq.registry import CODECS, QUANTIZERS, load_builtins
 from moeq.runtime.int8 import Int8Linear, quantize_tokens
 from tests.conformance import CodecConformance, QuantizerConformance, sqnr_db
@@ -12,7 +12,7 @@ Q = QUANTIZERS.get("int8")()
 
 
 def _stats(x, threshold):
-    return ChannelStats(x.shape[0], x.abs().amax(0), (x.abs() >= threshold).sum(0))
+    return Stats(x.shape[0], {"amax": x.abs().amax(0), "hits": (x.abs() >= threshold).sum(0)})
 
 
 class TestInt8RowsCodec(CodecConformance):
@@ -29,7 +29,7 @@ class TestInt8RowsCodec(CodecConformance):
             k = in_f // 3
             t["outlier_idx"] = torch.arange(0, in_f, 3, dtype=torch.int32)[:k]
             t["outlier_w"] = torch.randn(out_f, k, generator=g).half()
-        return QTensor("int8", shape, t, {"mode": "w8a8", "threshold": 6.0, "act_group": 0})
+        return QTensor(shape, t, {"mode": "w8a8", "threshold": 6.0, "act_group": 0})
 
 
 class TestInt8Quantizer(QuantizerConformance):
@@ -66,7 +66,7 @@ def test_decomposition_beats_plain_int8_on_outlier_activations():
     err = {}
     for label, cfg in {"plain": Q.Config(threshold=0, smooth_alpha=None), "decomp": Q.Config(smooth_alpha=None),
                        "smooth+decomp": Q.Config()}.items():
-        m = Q.module(Q.quantize(w, cfg, _stats(xc, cfg.threshold)), None)
+        m = Int8Linear(Q.quantize(w, cfg, _stats(xc, cfg.threshold)), None)
         err[label] = sqnr_db(ref, m(x))
     assert err["decomp"] > err["plain"] + 6, err
     assert err["smooth+decomp"] > err["plain"] + 6, err
@@ -79,8 +79,8 @@ def test_dynamic_outliers_are_decomposed_at_run_time():
     x = torch.randn(4, 128, generator=torch.Generator().manual_seed(6))
     x[:, 77] = 60.0
     cfg = Q.Config(smooth_alpha=None)
-    with_d = Q.module(Q.quantize(w, cfg, _stats(calm, 6.0)), None)
-    no_d = Q.module(Q.quantize(w, Q.Config(threshold=0, smooth_alpha=None), None), None)
+    with_d = Int8Linear(Q.quantize(w, cfg, _stats(calm, 6.0)), None)
+    no_d = Int8Linear(Q.quantize(w, Q.Config(threshold=0, smooth_alpha=None), None), None)
     ref = x @ w.t()
     assert sqnr_db(ref, with_d(x)) > sqnr_db(ref, no_d(x)) + 10
 
@@ -95,7 +95,7 @@ def test_token_quantization_bit_layout():
 
 def test_weight_only_bf16_kernel_matches_fallback():
     w = torch.randn(48, 64, generator=torch.Generator().manual_seed(7)) * 0.02
-    m = Q.module(Q.quantize(w, Q.Config(mode="weight_only"), None), None)
+    m = Int8Linear(Q.quantize(w, Q.Config(mode="weight_only"), None), None)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
     fast = m(x.bfloat16()).float()
     slow = m(x)

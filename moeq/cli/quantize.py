@@ -26,6 +26,8 @@ def quantize(
     calib_samples: Annotated[Optional[int], typer.Option(help="calibration windows")] = None,
     calib_seqlen: Annotated[Optional[int], typer.Option(help="calibration window length in tokens")] = None,
     calib_data: Annotated[Optional[str], typer.Option(help="'wiki' (embedded, calibration split), a text file or hf:NAME")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda: where calibration forwards and GPTQ run")] = None,
+    dump_recipe: Annotated[bool, typer.Option("--dump-recipe", help="print the resolved recipe (YAML) and exit")] = False,
     workers: Annotated[int, typer.Option(min=1, help="processes (torch.distributed, gloo on CPU); the artifact is "
                                                      "byte-identical to a one-process run")] = 1,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the summary as JSON ('-' for stdout)")] = None,
@@ -35,6 +37,7 @@ def quantize(
     import sys
 
     import yaml
+    from pydantic import ValidationError
 
     from moeq import api
     from moeq.parallel import launch
@@ -44,9 +47,7 @@ def quantize(
     r = load_recipe(recipe) if recipe else Recipe()
     if model is not None:
         r.model = model
-    if method is not None:
-        r.method = method
-    opts = dict(r.options)
+    opts = {}
     if threshold is not None:
         opts["threshold"] = threshold
     if weight_only:
@@ -60,13 +61,26 @@ def quantize(
             raise MoeqError(f"--option {kv!r}: expected key=value")
         k, v = kv.split("=", 1)
         opts[k] = yaml.safe_load(v)
-    r.options = opts
-    r.include_lm_head = r.include_lm_head or lm_head
-    for field, val in (("samples", calib_samples), ("seqlen", calib_seqlen), ("source", calib_data)):
+    if r.rules and (method is not None or opts or lm_head):
+        raise MoeqError("the recipe has rules; --method, --option and the method flags build a one-rule recipe "
+                        "and cannot be combined with them (edit the rules instead)")
+    if not r.rules:
+        if method is not None:
+            r.method = method
+        r.options = {**r.options, **opts}
+        r.include_lm_head = r.include_lm_head or lm_head
+    for field, val in (("samples", calib_samples), ("seqlen", calib_seqlen), ("source", calib_data),
+                       ("device", device)):
         if val is not None:
             setattr(r.calibration, field, val)
-    r = Recipe(**r.model_dump())  # re-validate the merged recipe
-    r.method_config()              # fail on bad options before any loading
+    try:
+        r = Recipe(**r.model_dump())  # re-validate the merged recipe
+    except ValidationError as e:
+        raise MoeqError(f"recipe: {e.errors()[0]['loc'][-1]}: {e.errors()[0]['msg']}") from None
+    r.methods()                    # fail on bad methods and options before any loading
+    if dump_recipe:
+        sys.stdout.write(r.dump())
+        return
     if workers > 1 and "WORLD_SIZE" not in os.environ:
         argv = [a for a in sys.argv[1:] if not a.startswith("--workers")]
         if "--workers" in sys.argv:
@@ -79,12 +93,15 @@ def quantize(
     with RichReporter(err_console) as rep:
         res = api.quantize(r, output, reporter=rep)
     t = Table(title=f"moeq quantize: {r.model or 'tiny-moe'} -> {res['path']}", show_header=False)
-    t.add_row("method", f"{r.method} {opts or ''}")
+    for rule in r.resolved().rules:
+        t.add_row("rule", f"{', '.join(rule.targets)} -> {rule.method} {rule.options or ''}")
     t.add_row("quantized tensors", str(res["tensors"]))
     t.add_row("quantized params", f"{res['quantized_params']:,}")
     t.add_row("packed bytes", f"{res['quantized_bytes']:,} ({res['bits_per_param']:.3f} bits/param)")
     t.add_row("kept bytes", f"{res['kept_bytes']:,}")
-    t.add_row("calibration fallbacks", str(res["fallbacks"]))
+    t.add_row("calibration fallbacks", str(res["fallbacks"]) + (f" ({', '.join(res['fallback_names'][:4])}"
+                                                                   f"{', ...' if res['fallbacks'] > 4 else ''})"
+                                                                   if res["fallbacks"] else ""))
     t.add_row("time", f"{res['seconds']:.1f} s")
     console.print(t)
     write_json(json_out, res)

@@ -22,10 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moeq.errors import ArtifactError
+from moeq.formats.manifest import FORMAT_VERSION, MANIFEST, validate_manifest
+from moeq.quant.base import SharedTable
 from moeq.registry import CODECS
-
-MANIFEST = "moeq.json"
-FORMAT_VERSION = 1
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -93,6 +92,7 @@ class ArtifactWriter:
                 self._buf.update(load_file(str(self.tmp / r["shard"])))
                 self._entries.update(r["entries"])
                 self._kept.update(r["kept"])
+                self._shared.update(r.get("shared", {}))
         for p in parts:
             (self.tmp / "records" / f"{p}.json").unlink()
             (self.tmp / f"group-{p}.safetensors").unlink()
@@ -108,6 +108,10 @@ class ArtifactWriter:
     def kept(self) -> dict[str, dict]:
         return {k: v for r in self.records.values() for k, v in r["kept"].items()}
 
+    @property
+    def shared(self) -> dict[str, dict]:
+        return {k: v for r in self.records.values() for k, v in r.get("shared", {}).items()}
+
     @contextmanager
     def group(self, label: str):
         if self._group is not None:
@@ -116,6 +120,7 @@ class ArtifactWriter:
         self._buf: dict[str, torch.Tensor] = {}
         self._entries: dict[str, dict] = {}
         self._kept: dict[str, dict] = {}
+        self._shared: dict[str, dict] = {}
         try:
             yield self
             self._finish_group(label)
@@ -132,6 +137,13 @@ class ArtifactWriter:
                                "bytes": nbytes, "sha256": tensors_sha256(parts)}
         self._buf.update({f"{name}.{k}": v for k, v in parts.items()})
 
+    def add_shared(self, table: SharedTable) -> None:
+        """A table fitted over many weights, stored once as ``<name>.<part>``."""
+        parts = {k: v.detach().contiguous().clone() for k, v in table.tensors.items()}
+        self._shared[table.name] = {"parts": sorted(parts), "meta": table.meta, "sha256": tensors_sha256(parts),
+                                    "bytes": sum(t.numel() * t.element_size() for t in parts.values())}
+        self._buf.update({f"{table.name}.{k}": v for k, v in parts.items()})
+
     def add_kept(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().contiguous().clone()
         self._kept[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
@@ -147,19 +159,17 @@ class ArtifactWriter:
         # one metadata key only: safetensors writes the map in random order, and resumed runs must be byte-identical
         save_file(self._buf, str(self.tmp / shard), metadata={"format": "pt"})
         rec = {"label": label, "shard": shard, "shard_sha256": _file_sha256(self.tmp / shard), "bytes": nbytes,
-               "entries": self._entries, "kept": self._kept}
+               "entries": self._entries, "kept": self._kept, "shared": self._shared}
         _atomic_write(self.tmp / "records" / f"{label}.json", json.dumps(rec, sort_keys=True))
         self.records[label] = rec
         self.bytes_written += nbytes
 
-    def has_record(self, label: str) -> bool:
-        return (self.tmp / "records" / f"{label}.json").is_file()
-
     def read_group(self, label: str) -> "ArtifactReader":
         """A reader over one finished group (used to rebuild already-quantized layers on resume)."""
         r = self.records[label]
-        return ArtifactReader.from_parts(self.tmp, {"tensors": {k: {**v, "shard": r["shard"]} for k, v in r["entries"].items()},
-                                                    "kept": {k: {**v, "shard": r["shard"]} for k, v in r["kept"].items()}})
+        return ArtifactReader.from_parts(self.tmp, {
+            section: {k: {**v, "shard": r["shard"]} for k, v in r.get(key, {}).items()}
+            for section, key in (("tensors", "entries"), ("kept", "kept"), ("shared", "shared"))})
 
     # -- finishing --------------------------------------------------------------------------------
     def commit(self, order: list[str], manifest: dict[str, Any], config: dict[str, Any] | None) -> Path:
@@ -168,18 +178,19 @@ class ArtifactWriter:
         if missing:
             raise RuntimeError(f"groups not written: {missing}")
         final = {g: f"model-{i + 1:05d}-of-{len(order):05d}.safetensors" for i, g in enumerate(order)}
-        entries, kept = {}, {}
+        entries, kept, shared = {}, {}, {}
         for g in order:
             r = self.records[g]
             entries.update({k: {**v, "shard": final[g]} for k, v in r["entries"].items()})
             kept.update({k: {**v, "shard": final[g]} for k, v in r["kept"].items()})
+            shared.update({k: {**v, "shard": final[g]} for k, v in r.get("shared", {}).items()})
             os.replace(self.tmp / r["shard"], self.tmp / final[g])
         shutil.rmtree(self.tmp / "records")
         (self.tmp / "run.json").unlink()
         if config is not None:
             (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         body = {**manifest, "format_version": FORMAT_VERSION, "shards": [final[g] for g in order],
-                "tensors": entries, "kept": kept, "tied": self.tied}
+                "tensors": entries, "kept": kept, "shared": shared, "tied": self.tied}
         (self.tmp / MANIFEST).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
         if self.out.exists():
             self.out.rmdir()  # only an empty directory can be here (checked in __init__)
@@ -225,13 +236,11 @@ class ArtifactReader:
         if not mpath.is_file():
             raise ArtifactError(f"{self.path}: not a moeq artifact (no {MANIFEST})")
         try:
-            self.manifest = json.loads(mpath.read_text())
+            data = json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{mpath}: manifest is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-        fv = self.manifest.get("format_version")
-        if fv != FORMAT_VERSION:
-            raise ArtifactError(f"{self.path}: artifact format version {fv!r} is not supported (this moeq reads {FORMAT_VERSION})")
-        for name, e in self.manifest.get("tensors", {}).items():
+        self.manifest = validate_manifest(data, str(mpath))
+        for name, e in self.manifest["tensors"].items():
             codec = e.get("codec")
             if codec not in CODECS:
                 raise ArtifactError(f"{name}: unknown codec {codec!r} (known: {', '.join(CODECS)}); "
@@ -293,3 +302,16 @@ class ArtifactReader:
         if tensors_sha256({name: t}) != e["sha256"]:
             raise ArtifactError(f"{name}: checksum mismatch in {e['shard']} (artifact corrupt)")
         return t
+
+    @property
+    def shared(self) -> dict[str, dict]:
+        return self.manifest.get("shared", {})
+
+    def read_shared(self, name: str) -> SharedTable:
+        if name not in self.shared:
+            raise ArtifactError(f"{self.path}: entry references shared table {name!r}, which the artifact lacks")
+        e = self.shared[name]
+        parts = {k: self._get(e["shard"], f"{name}.{k}") for k in e["parts"]}
+        if tensors_sha256(parts) != e["sha256"]:
+            raise ArtifactError(f"{name}: checksum mismatch in {e['shard']} (artifact corrupt)")
+        return SharedTable(name, parts, dict(e.get("meta", {})))

@@ -5,7 +5,11 @@ It enumerates every quantizable weight of a transformers model as 2-D ``Target``
 - FUSED 3-D expert parameters (transformers 5.x): ``gate_up_proj [E, 2I, H]`` / ``up_proj`` and
   ``down_proj [E, H, I]``, or transposed (GPT-OSS: ``[E, H, 2I]``, ``[E, I, H]``) with ``<name>_bias [E, out]``.
   Each expert becomes its own 2-D target ``<module>.<param>.<e>`` of shape [out, in].
-Routers/gates, norms and embeddings are never targets; lm_head only on request.
+Each target has a ``role`` (the selector kinds of recipes): ``attention``, ``dense_mlp``, ``expert``,
+``shared_expert``, ``router`` (Linear routers such as Qwen2-MoE's shared_expert_gate or Switch's classifier;
+top-k router modules holding a bare weight are not Linear and always stay as they are) or ``lm_head``. Which
+targets are quantized, and how, is the plan's decision (``moeq.pipeline.plan``); norms and embeddings are
+never targets.
 
 It also runs fused experts with per-expert callables (``experts_forward``), which both calibration (dense
 weights plus an observer) and the packed runtime use, so the routing loop exists once.
@@ -34,6 +38,7 @@ class Target:
     transposed: bool        # stored [in, out] per expert
     bias: str | None        # bias parameter name on the owning module
     shape: tuple[int, int]  # [out, in]
+    role: str = "dense_mlp"  # attention | dense_mlp | expert | shared_expert | router | lm_head
 
     @property
     def kind(self) -> str:
@@ -61,16 +66,36 @@ def _fused_transposed(mod: nn.Module, config) -> bool:
     return hidden is not None and down is not None and down.shape[1] != hidden
 
 
-def find_targets(model: nn.Module, include_lm_head: bool = False) -> list[Target]:
+_SHARED = ("shared_expert", "shared_experts", "shared_mlp")
+_ATTENTION = ("attn", "attention")
+
+
+def role_of(name: str, fused: bool = False) -> str:
+    """The selector kind of the module ``name`` (a Linear, or a fused-experts module when ``fused``)."""
+    parts = name.split(".")
+    if _is_router(name):
+        return "router"
+    if any(p in _SHARED for p in parts):
+        return "shared_expert"
+    if fused or any(p == "experts" for p in parts):
+        return "expert"
+    if any(any(a in p.lower() for a in _ATTENTION) for p in parts):
+        return "attention"
+    return "dense_mlp"
+
+
+def find_targets(model: nn.Module, include_lm_head: bool = True) -> list[Target]:
+    """Every 2-D weight a plan may select (routers and the output head included, with their roles)."""
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     out: list[Target] = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
-            if _is_router(name) or (mod is lm_head and not include_lm_head):
+            if mod is lm_head and not include_lm_head:
                 continue
+            role = "lm_head" if mod is lm_head else role_of(name)
             out.append(Target(f"{name}.weight", name, "weight", None, False,
-                              "bias" if mod.bias is not None else None, (mod.out_features, mod.in_features)))
+                              "bias" if mod.bias is not None else None, (mod.out_features, mod.in_features), role))
         elif is_fused_experts(mod) and not getattr(mod, "_moeq_packed", False):
             t = _fused_transposed(mod, config)
             for p in FUSED_PARAMS:
@@ -79,7 +104,8 @@ def find_targets(model: nn.Module, include_lm_head: bool = False) -> list[Target
                     continue
                 shape = (w.shape[2], w.shape[1]) if t else (w.shape[1], w.shape[2])
                 bias = f"{p}_bias" if isinstance(getattr(mod, f"{p}_bias", None), nn.Parameter) else None
-                out.extend(Target(f"{name}.{p}.{e}", name, p, e, t, bias, shape) for e in range(w.shape[0]))
+                role = role_of(name, fused=True)
+                out.extend(Target(f"{name}.{p}.{e}", name, p, e, t, bias, shape, role) for e in range(w.shape[0]))
     return out
 
 
@@ -102,12 +128,13 @@ def target_bias(model: nn.Module, t: Target) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------------------------------
 # Running fused experts with per-expert callables
 # ---------------------------------------------------------------------------------------------------------
-ExpertLinear = Callable[[str, int, torch.Tensor], torch.Tensor]
+ExpertLinear = Callable[[str, int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def experts_forward(mod: nn.Module, linear: ExpertLinear, hidden_states: torch.Tensor,
                     top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The routing loop of transformers' fused experts, with ``linear(param, e, x)`` computing x @ W_e.T + b_e."""
+    """The routing loop of transformers' fused experts, with ``linear(param, e, x, gate)`` computing
+    x @ W_e.T + b_e for the tokens routed to expert e (``gate``: their routing weights, for observers)."""
     out = torch.zeros_like(hidden_states)
     num_experts = _num_experts(mod)
     first = "gate_up_proj" if _has(mod, "gate_up_proj") else "up_proj"
@@ -115,12 +142,13 @@ def experts_forward(mod: nn.Module, linear: ExpertLinear, hidden_states: torch.T
         if e < 0 or e >= num_experts:
             continue
         token_idx, pos = torch.where(top_k_index == e)
-        h = linear(first, e, hidden_states[token_idx])
+        gate = top_k_weights[token_idx, pos]
+        h = linear(first, e, hidden_states[token_idx], gate)
         if first == "gate_up_proj":
             h = mod._apply_gate(h) if hasattr(mod, "_apply_gate") else _gate(mod, h)
         else:
             h = mod.act_fn(h)
-        y = linear("down_proj", e, h) * top_k_weights[token_idx, pos, None]
+        y = linear("down_proj", e, h, gate) * gate[:, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
 
@@ -142,10 +170,10 @@ def _gate(mod, h):
 
 
 def dense_expert_linear(mod: nn.Module, transposed: bool, observe=None) -> ExpertLinear:
-    """Per-expert linear on the module's own dense 3-D weights; ``observe(param, e, x)`` sees each input."""
-    def linear(p: str, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Per-expert linear on the module's own dense 3-D weights; ``observe(param, e, x, gate)`` sees each input."""
+    def linear(p: str, e: int, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if observe is not None:
-            observe(p, e, x)
+            observe(p, e, x, gate)
         w = getattr(mod, p)[e]
         y = x @ w if transposed else F.linear(x, w)
         b = getattr(mod, f"{p}_bias", None)
@@ -197,4 +225,4 @@ def install_packed(model: nn.Module, t_modules: dict[Target, nn.Module]) -> None
         mod.moeq_experts = packed
         mod._moeq_packed = True
         mod._moeq_params = tuple(packed.keys())
-        patch_experts(mod, lambda p, e, x, _m=mod: _m.moeq_experts[p][e](x))
+        patch_experts(mod, lambda p, e, x, gate, _m=mod: _m.moeq_experts[p][e](x))

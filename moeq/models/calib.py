@@ -1,5 +1,16 @@
-"""Calibration: the one place where forward hooks live. Collects per-target input statistics
-(``ChannelStats``) for Linear targets (pre-hooks) and per-expert targets (through ``experts_forward``)."""
+"""Calibration: the one place where forward hooks live.
+
+A ``Collector`` feeds the accumulators each target's method declares (``Quantizer.calibration``), for one
+decoder layer (or one chunk of its experts) at a time:
+- Linear targets through forward pre-hooks. Targets that read the very same input tensor in a forward (q/k/v,
+  a shared expert's gate and up) share one state: the first of them names the input.
+- Fused 3-D experts through ``experts_forward``: expert e sees only the tokens its router sends it, with their
+  gate probabilities (token counts and gate-probability sums are recorded per expert). An expert's gate and up
+  live in one fused parameter, so they share one state by construction. ``experts="pooled"`` pools the routed
+  tokens of every expert of a parameter into one state.
+- Per-expert ``nn.Linear`` experts (SwitchTransformers) are hooked like any Linear: their modules receive only
+  their routed tokens (no gate weighting there).
+"""
 
 from __future__ import annotations
 
@@ -9,50 +20,116 @@ import torch
 import torch.nn as nn
 
 from moeq.models.adapter import Target, dense_expert_linear, patch_experts
-from moeq.quant.base import ChannelStats
+from moeq.quant.base import CalibSpec, Stats
 
 
-class StatsCollector:
-    def __init__(self, threshold: float):
-        self.threshold = threshold
-        self.stats: dict[str, ChannelStats] = {}
+class _State:
+    """The accumulator states of one input key."""
 
-    @torch.no_grad()
-    def observe(self, name: str, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1])
+    def __init__(self):
+        self.tokens = 0
+        self.gate_prob = 0.0
+        self.acc: dict[str, tuple] = {}  # repr(accumulator) -> (accumulator, state)
+
+
+class Collector:
+    """Statistics of ``targets`` (each with its method's ``CalibSpec``), finalized into ``Stats`` per target name.
+    States live on ``device``; inputs are fed to them in float32."""
+
+    def __init__(self, specs: dict[Target, CalibSpec], device: str | torch.device = "cpu"):
+        self.specs = {t: s for t, s in specs.items() if s.accumulators}
+        self.device = torch.device(device)
+        self.key_of: dict[str, str] = {}          # target name -> input key
+        self.states: dict[str, _State] = {}       # input key -> states
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}   # id(input) -> (input kept alive, key), per forward
+        self._fed: set[tuple[str, str]] = set()   # (key, accumulator) fed in this forward
+
+    def new_forward(self) -> None:
+        self._seen.clear()
+        self._fed.clear()
+
+    def _feed(self, key: str, spec: CalibSpec, x: torch.Tensor, gate: torch.Tensor | None) -> None:
+        st = self.states.get(key)
+        if st is None:
+            st = self.states[key] = _State()
+        x2 = x.detach().reshape(-1, x.shape[-1]).to(self.device, torch.float32)
         if x2.shape[0] == 0:
             return
-        a = x2.abs().float()
-        amax = a.amax(dim=0)
-        hits = (a >= self.threshold).sum(dim=0) if self.threshold > 0 else torch.zeros_like(amax, dtype=torch.long)
-        s = self.stats.get(name)
-        if s is None:
-            self.stats[name] = ChannelStats(x2.shape[0], amax, hits)
-        else:
-            s.tokens += x2.shape[0]
-            torch.maximum(s.amax, amax, out=s.amax)
-            s.hits += hits
+        fresh = (key, "") not in self._fed
+        if fresh:
+            self._fed.add((key, ""))
+            st.tokens += x2.shape[0]
+            if gate is not None:
+                st.gate_prob += float(gate.sum())
+        for acc in spec.accumulators:
+            name = repr(acc)
+            if (key, name) in self._fed:
+                continue
+            self._fed.add((key, name))
+            if name not in st.acc:
+                st.acc[name] = (acc, acc.init(x2.shape[1], self.device))
+            w = gate.to(self.device, torch.float32) if (gate is not None and spec.gate_weighted) else None
+            st.acc[name] = (acc, acc.accumulate(st.acc[name][1], x2, w))
+
+    def observe_linear(self, t: Target, x: torch.Tensor) -> None:
+        seen = self._seen.get(id(x))
+        key = self.key_of.get(t.name) or (seen[1] if seen is not None else t.name)
+        self.key_of[t.name] = key
+        if seen is None:
+            self._seen[id(x)] = (x, key)  # kept alive for this forward, so its id names only this tensor
+        self._feed(key, self.specs[t], x, None)
+
+    def observe_expert(self, module: str, param: str, e: int, x: torch.Tensor, gate: torch.Tensor,
+                       wanted: dict[tuple[str, int], Target]) -> None:
+        t = wanted.get((param, e))
+        if t is None:
+            return
+        spec = self.specs[t]
+        key = f"{module}.{param}" if spec.experts == "pooled" else t.name
+        self.key_of[t.name] = key
+        self._feed(key, spec, x, gate)
+
+    def finalize(self) -> dict[str, Stats | None]:
+        """Stats per target name (one object per input key, shared by the targets reading that input);
+        None for targets no calibration token reached."""
+        made: dict[str, Stats] = {}
+        for key, st in self.states.items():
+            values = {}
+            for acc, state in st.acc.values():
+                values.update(acc.finalize(state, st.tokens))
+            made[key] = Stats(st.tokens, values, st.gate_prob)
+        out = {}
+        for t in self.specs:
+            key = self.key_of.get(t.name)
+            s = made.get(key) if key is not None else None
+            out[t.name] = s if s is not None and s.tokens > 0 else None
+        self.states.clear()
+        return out
 
 
 @contextmanager
-def observing(root: nn.Module, targets: list[Target], collector: StatsCollector, prefix: str = ""):
-    """Record inputs of ``targets`` (fqns relative to the full model; ``root`` is the model or one of its
-    submodules at ``prefix``) into ``collector`` while the block is active."""
-    undo = []
-    fused: dict[str, bool] = {}
-    for t in targets:
-        path = t.module[len(prefix):].lstrip(".") if prefix else t.module
-        mod = root.get_submodule(path)
+def observing(root: nn.Module, collector: Collector, prefix: str = ""):
+    """Feed ``collector`` with the inputs of its targets (fqns relative to the full model; ``root`` is the model
+    or one of its submodules at ``prefix``) while the block is active."""
+    undo = [root.register_forward_pre_hook(lambda m, args: collector.new_forward()).remove]
+    fused: dict[str, dict[tuple[str, int], Target]] = {}
+    transposed: dict[str, bool] = {}
+
+    def local(path: str) -> str:
+        return path[len(prefix):].lstrip(".") if prefix else path
+
+    for t in collector.specs:
         if t.expert is None:
-            h = mod.register_forward_pre_hook(lambda m, args, _n=t.name: collector.observe(_n, args[0]))
+            h = root.get_submodule(local(t.module)).register_forward_pre_hook(
+                lambda m, args, _t=t: collector.observe_linear(_t, args[0]))
             undo.append(h.remove)
         else:
-            fused[t.module] = t.transposed
-    for full, transposed in fused.items():
-        path = full[len(prefix):].lstrip(".") if prefix else full
-        mod = root.get_submodule(path)
-        obs = (lambda p, e, x, _f=full: collector.observe(f"{_f}.{p}.{e}", x))
-        undo.append(patch_experts(mod, dense_expert_linear(mod, transposed, observe=obs)))
+            fused.setdefault(t.module, {})[(t.param, t.expert)] = t
+            transposed[t.module] = t.transposed
+    for full, wanted in fused.items():
+        mod = root.get_submodule(local(full))
+        obs = (lambda p, e, x, gate, _f=full, _w=wanted: collector.observe_expert(_f, p, e, x, gate, _w))
+        undo.append(patch_experts(mod, dense_expert_linear(mod, transposed[full], observe=obs)))
     try:
         yield collector
     finally:

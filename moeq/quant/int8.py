@@ -15,7 +15,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from moeq.quant.base import ChannelStats, MethodConfig, QTensor, Quantizer
+from moeq.quant.base import CalibSpec, MethodConfig, QTensor, Quantizer, Stats
+from moeq.quant.stats import AbsMaxHits
 from moeq.registry import QUANTIZERS
 
 QMAX = 127
@@ -52,7 +53,7 @@ def smoothing_scales(act_amax: torch.Tensor, w: torch.Tensor, alpha: float) -> t
     return s.clamp(min=1e-4, max=1e4)
 
 
-def systematic_outliers(stats: ChannelStats | None, frac: float, threshold: float) -> torch.Tensor:
+def systematic_outliers(stats: Stats | None, frac: float, threshold: float) -> torch.Tensor:
     """Indices of features whose share of calibration tokens with |x| >= threshold is >= frac."""
     if stats is None or threshold <= 0 or stats.tokens == 0:
         return torch.zeros(0, dtype=torch.int32)
@@ -67,13 +68,12 @@ class Int8Quantizer(Quantizer):
     codec = "int8-rows"
     Config = Int8Config
 
-    def needs_calibration(self, cfg: Int8Config) -> bool:
-        return cfg.mode == "w8a8" and (cfg.smooth_alpha is not None or cfg.threshold > 0)
+    def calibration(self, cfg: Int8Config) -> CalibSpec:
+        if cfg.mode == "w8a8" and (cfg.smooth_alpha is not None or cfg.threshold > 0):
+            return CalibSpec([AbsMaxHits(cfg.threshold)])
+        return CalibSpec()
 
-    def outlier_threshold(self, cfg: Int8Config) -> float:
-        return cfg.threshold
-
-    def quantize(self, w: torch.Tensor, cfg: Int8Config, stats: ChannelStats | None) -> QTensor:
+    def quantize(self, w: torch.Tensor, cfg: Int8Config, stats: Stats | None, shared=None) -> QTensor:
         w = w.detach().float()
         out_f, in_f = w.shape
         tensors: dict[str, torch.Tensor] = {}
@@ -96,9 +96,9 @@ class Int8Quantizer(Quantizer):
         meta = {"mode": cfg.mode, "threshold": float(cfg.threshold), "act_group": int(cfg.act_group)}
         if cfg.act_group and in_f % cfg.act_group:
             meta["act_group"] = 0  # the group must divide the row; fall back to per-token scales
-        return QTensor("int8", (out_f, in_f), tensors, meta)
+        return QTensor((out_f, in_f), tensors, meta)
 
-    def dequantize(self, q: QTensor) -> torch.Tensor:
+    def dequantize(self, q: QTensor, shared=None) -> torch.Tensor:
         t = q.tensors
         w = t["qweight"].float() * t["scale"][:, None]
         if "smooth" in t:
@@ -106,7 +106,3 @@ class Int8Quantizer(Quantizer):
         if "outlier_idx" in t:
             w[:, t["outlier_idx"].long()] = t["outlier_w"].float()
         return w
-
-    def module(self, q: QTensor, bias: torch.Tensor | None) -> torch.nn.Module:
-        from moeq.runtime.int8 import Int8Linear
-        return Int8Linear(q, bias)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moeq.quant.base import QTensor
+from moeq.registry import RUNTIMES
 
 QMAX = 127.0
 
@@ -39,8 +40,9 @@ def quantize_tokens(x: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torc
     return codes.view(x.shape), sx
 
 
+@RUNTIMES.register("int8-rows")
 class Int8Linear(torch.nn.Module):
-    def __init__(self, q: QTensor, bias: torch.Tensor | None):
+    def __init__(self, q: QTensor, bias: torch.Tensor | None, shared: dict | None = None):
         super().__init__()
         t = q.tensors
         self.out_features, self.in_features = q.shape

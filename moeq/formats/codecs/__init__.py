@@ -1,3 +1,1 @@
-"""Built-in codecs; importing this package registers them."""
-
-from moeq.formats.codecs import int8_rows  # noqa: F401
+"""Built-in codecs, one module per layout; ``moeq.registry.load_builtins`` discovers them."""

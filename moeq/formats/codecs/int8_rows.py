@@ -45,5 +45,5 @@ class Int8RowsCodec(Codec):
             e(tuple(parts["outlier_w"].shape) == (out_f, k), "outlier_w shape")
             e(k == 0 or int(parts["outlier_idx"].max()) < in_f, "outlier index out of range")
         e(meta.get("mode") in ("w8a8", "weight_only"), f"mode {meta.get('mode')!r}")
-        return QTensor("int8", (out_f, in_f), dict(parts),
+        return QTensor((out_f, in_f), dict(parts),
                        {"mode": meta["mode"], "threshold": float(meta["threshold"]), "act_group": int(meta["act_group"])})

@@ -1,0 +1,57 @@
+"""``moeq eval``: perplexity, KL and ppl ratio against a baseline measured in the same pass, speed, memory."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from moeq.errors import MoeqError
+from moeq.pipeline.run import peak_rss_mb
+from moeq.progress import Reporter
+from moeq.recipes import EvalSpec
+from moeq.runtime.load import load_any
+
+
+def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = EvalSpec(), speed: bool = True,
+             reporter: Reporter = Reporter(), max_memory: int | None = None, use_baseline: bool = True) -> dict[str, Any]:
+    """Perplexity (+ mean KL and ppl ratio against ``baseline`` measured in the same run), speed, memory.
+    ``max_memory`` (bytes, per model): models larger than that are placed with accelerate and partly run from
+    disk (see ``load``)."""
+    from moeq.data.corpus import load_text
+    from moeq.eval.perplexity import perplexity, tokenize_windows
+    from moeq.eval.speed import measure_speed
+
+    t0 = time.perf_counter()
+    model, tok, manifest = load_any(target, reporter, max_memory)
+    load_s = time.perf_counter() - t0
+    if tok is None:
+        raise MoeqError(f"{target}: no tokenizer files; cannot evaluate text perplexity")
+    if not use_baseline:
+        baseline = None
+    elif baseline is None and manifest is not None:
+        baseline = manifest.get("source", {}).get("model")
+    base = load_any(baseline, reporter, max_memory)[0] if baseline else None
+    windows = tokenize_windows(tok, load_text(spec.corpus, "eval"), spec.seqlen, spec.windows)
+    result: dict[str, Any] = {"model": target, "baseline": baseline, "corpus": spec.corpus, "load_seconds": round(load_s, 2)}
+    with reporter.task("perplexity" + (" + baseline, KL" if base is not None else ""), windows.shape[0]) as task:
+        r = perplexity(model, windows, spec.protocol, spec.batch_size, baseline=base, progress=task.advance)
+    result["ppl"] = {"value": r.ppl, "protocol": spec.protocol, "seqlen": spec.seqlen, "windows": r.windows,
+                     "tokens": r.tokens, "describe": r.describe()}
+    if base is not None:  # measured in the same pass, on the same windows
+        result["baseline_ppl"] = r.extra["baseline_ppl"]
+        result["ppl_ratio"] = r.ppl / r.extra["baseline_ppl"]
+        result["kl_mean"] = r.kl_mean
+    if manifest is not None:
+        result["bits_per_param"] = manifest["totals"]["bits_per_param"]
+        result["quantized_bytes"] = manifest["totals"]["quantized_bytes"]
+        result["total_bytes"] = manifest["totals"]["total_bytes"]
+        result["method"] = "+".join(dict.fromkeys(r["method"] for r in manifest["recipe"]["rules"]))
+    if speed:
+        with reporter.task("speed", None):
+            result["speed"] = measure_speed(model, windows[0])
+            if base is not None:
+                result["baseline_speed"] = measure_speed(base, windows[0])
+    if getattr(model, "moeq_placement", {}).get("max_memory") is not None:
+        result["placement"] = model.moeq_placement
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return result

@@ -1,0 +1,43 @@
+"""``moeq inspect``: what an artifact holds, from its manifest alone (no tensor is read)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from moeq.formats.container import ArtifactReader
+from moeq.registry import load_builtins
+
+
+def inspect(path: str | Path) -> dict[str, Any]:
+    """Manifest summary: the rules, per module type and method, per expert (routed tokens, fallbacks), totals."""
+    load_builtins()
+    m = ArtifactReader(path).manifest
+    kinds: dict[str, dict] = {}
+    experts: dict[str, dict] = {}
+    for name, e in m["tensors"].items():
+        n = math.prod(e["shape"])
+        k = kinds.setdefault(f"{e['kind']}|{e['method']}", {"kind": e["kind"], "method": e["method"], "tensors": 0,
+                                                            "params": 0, "bytes": 0, "codec": e["codec"]})
+        k["tensors"] += 1
+        k["params"] += n
+        k["bytes"] += e["bytes"]
+        if e["expert"] is not None:
+            key = f"{e['module']}[{e['expert']}]"
+            x = experts.setdefault(key, {"module": e["module"], "expert": e["expert"], "method": e["method"],
+                                         "params": 0, "bytes": 0, "codec": e["codec"], "calib_tokens": None,
+                                         "gate_prob": None, "fallback": None})
+            x["params"] += n
+            x["bytes"] += e["bytes"]
+            if e.get("calib_tokens") is not None and x["calib_tokens"] is None:
+                x["calib_tokens"] = e["calib_tokens"]  # the first parameter's input: the tokens routed to it
+                x["gate_prob"] = e.get("gate_prob")
+            x["fallback"] = x["fallback"] or e.get("fallback")
+    for d in (*kinds.values(), *experts.values()):
+        d["bits_per_param"] = round(8 * d["bytes"] / max(d["params"], 1), 3)
+    return {"path": str(path), "tool": m["tool"], "rules": m["recipe"]["rules"], "ignore": m["recipe"]["ignore"],
+            "source": m["source"], "calibration": m["calibration"], "totals": m["totals"],
+            "kinds": dict(sorted(kinds.items())), "experts": experts,
+            "shared": {n: {"bytes": e["bytes"], "parts": e["parts"]} for n, e in m["shared"].items()},
+            "kept": {n: {"dtype": e["dtype"], "bytes": e["bytes"]} for n, e in m["kept"].items()}}

@@ -1,0 +1,360 @@
+"""The layer-by-layer run: read a group (the base, then each decoder layer, then the head), calibrate it, fit
+and quantize its targets as the plan says, write its shard, and release it.
+
+Phases of one decoder layer: ``materialize`` -> ``calibrate`` (per chunk of targets whose statistics fit the
+memory cap; one forward of the layer's calibration inputs per chunk) -> ``fit`` (shared tables) -> ``quantize``
++ write -> ``advance`` (install the packed modules and push the calibration inputs through the quantized layer,
+so the next layer is calibrated on what the quantized model produces) -> release.
+
+Resume: every finished group is a checksummed record in ``.<out>.moeq-tmp`` and is skipped on the next run.
+Workers: data-free runs split whole layers; calibrated runs split each layer's weights (rank 0 runs the
+forwards and broadcasts the statistics, then merges the parts) so the artifact is what one process writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moeq.formats.container import ArtifactWriter
+from moeq.models.adapter import Target, install_packed, target_bias, target_weight
+from moeq.models.calib import Collector, observing
+from moeq.models.layers import capture_layer_inputs, decoder_layers, layer_of, run_layer
+from moeq.parallel import Dist
+from moeq.pipeline.plan import Plan
+from moeq.quant.base import QTensor, Quantizer, SharedTable, Stats
+from moeq.registry import CODECS
+from moeq.runtime.build import packed_modules, runtime_module
+
+
+@dataclass
+class Group:
+    """What is processed (read, quantized, written, released) together: the base (embeddings, norms, head),
+    then each decoder layer, then quantized weights outside the layers (lm_head)."""
+    label: str
+    prefix: str | None           # module fqn of a decoder layer; None for base / head
+    index: int | None            # decoder layer index
+    targets: list[Target]
+    tensors: list[str]           # state-dict names owned by the group (weights and kept tensors)
+
+
+def plan_groups(model, targets: list[Target]) -> tuple[list[Group], tuple[str, Any] | None]:
+    layers = decoder_layers(model)
+    names = list(model.state_dict(keep_vars=True))
+    if layers is None:
+        return [Group("model", None, None, targets, names)], None
+    prefix, mlist = layers
+    by_layer: dict[int, list[Target]] = {i: [] for i in range(len(mlist))}
+    head = []
+    for t in targets:
+        i = layer_of(t.module, prefix)
+        (by_layer[i] if i is not None else head).append(t)
+    owned = {i: [] for i in by_layer}
+    base = []
+    for n in names:
+        i = layer_of(n.rpartition(".")[0], prefix)
+        (owned[i] if i is not None else base).append(n)
+    # the head's quantized weights (lm_head on request) are read, processed and released with the head group
+    head_names = [n for t in head for n in (f"{t.module}.{t.param}", f"{t.module}.{t.bias}" if t.bias else None) if n]
+    groups = [Group("base", None, None, [], [n for n in base if n not in head_names])]
+    groups += [Group(f"layer.{i}", f"{prefix}.{i}", i, by_layer[i], owned[i]) for i in sorted(by_layer)]
+    if head:
+        groups.append(Group("head", None, None, head, [n for n in base if n in head_names]))
+    return groups, layers
+
+
+def run_key(plan: Plan, source: str | None, calib_ids: torch.Tensor | None) -> str:
+    """Identifies a run (model, resolved recipe, targets, calibration tokens): resuming another run is refused."""
+    h = hashlib.sha256(json.dumps({"recipe": plan.recipe.model_dump(), "source": source,
+                                   "options": [a.options() for a in plan.assignments],
+                                   "targets": [(t.name, t.shape, plan[t].rule) for t in plan.targets]},
+                                  sort_keys=True).encode())
+    if calib_ids is not None:
+        h.update(calib_ids.numpy().tobytes())
+    return h.hexdigest()
+
+
+def chunks(targets: list[Target], plan: Plan, cap_bytes: int) -> list[list[Target]]:
+    """Consecutive runs of ``targets`` whose calibration statistics fit ``cap_bytes`` together (statistics of
+    inputs shared by several targets are counted for each: a safe over-estimate). A chunk is never empty."""
+    out: list[list[Target]] = [[]]
+    used = 0
+    for t in targets:
+        a = plan[t]
+        size = sum(acc.nbytes(t.shape[1]) for acc in a.quantizer.calibration(a.cfg).accumulators)
+        if out[-1] and used + size > cap_bytes:
+            out.append([])
+            used = 0
+        out[-1].append(t)
+        used += size
+    return out
+
+
+class Run:
+    """One quantization run over ``plan`` (see the module docstring)."""
+
+    def __init__(self, model, plan: Plan, calib_ids, reader, reporter, dist: Dist, writer: ArtifactWriter):
+        self.model, self.plan, self.calib_ids, self.reader, self.dist = model, plan, calib_ids, reader, dist
+        self.reporter, self.writer = reporter, writer
+        self.calib = plan.recipe.calibration
+        self.device = self.calib.device
+        self.groups, self.layers = plan_groups(model, plan.targets)
+        self.target_params = {t.name if t.expert is None else f"{t.module}.{t.param}" for t in plan.targets}
+        self.inputs = None
+        self.task = None
+        self.dtypes = reader.dtypes if reader is not None else {}
+        self.fallbacks: list[str] = []
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calib_ids is not None
+
+    def execute(self) -> None:
+        with self.reporter.task(f"quantize ({self.plan.recipe.method_label()})", len(self.plan.targets)) as task:
+            self.task = task
+            for g in self.groups:
+                self.process(g)
+
+    # -- reading and releasing -------------------------------------------------------------------------------
+    def materialize(self, g: Group) -> None:
+        """Read the group's tensors: float32 where calibration computes with them, else in the checkpoint's dtype
+        (quantizers take each 2-D weight to float32 themselves, so the bytes written are the same)."""
+        from moeq.models.stream import materialize
+        if self.reader is not None and g.tensors:
+            computes = self.calibrated and g.label != "head"
+            materialize(self.model, g.tensors, self.reader, torch.float32 if computes else None)
+
+    def release(self, g: Group, layer) -> None:
+        """Streaming: drop a processed group (a decoder layer whole, else its own parameters) and unmap its shards."""
+        from moeq.models.stream import release, release_params
+        if self.reader is None:
+            return
+        if layer is not None:
+            release(layer)
+        else:
+            release_params(self.model, g.tensors)
+        self.reader.close()
+
+    # -- one group -------------------------------------------------------------------------------------------
+    def process(self, g: Group) -> None:
+        dist, writer = self.dist, self.writer
+        if g.label == "base":
+            self._base(g)
+            return
+        split_layers = dist.world > 1 and not self.calibrated and g.index is not None
+        split_weights = dist.world > 1 and self.calibrated and g.index is not None
+        if not (split_layers or split_weights or dist.main):
+            return  # groups outside the decoder layers are rank 0's
+        if split_layers and not dist.owns(g.index):
+            self.task.advance(len(g.targets), layer=g.label)
+            return
+        self.materialize(g)
+        layer = self.layers[1][g.index] if g.index is not None else None
+        if g.label == "model":  # no decoder-layer list (e.g. encoder-decoder): calibrated in one float pass
+            writer.tied.update(_ties(self.model, g.tensors))
+        modules = None
+        if writer.done(g.label):
+            self.task.advance(len(g.targets), layer=g.label, status="resumed")
+        elif split_weights:
+            part = f"{g.label}.part{dist.rank}"
+            mine = {t for j, t in enumerate(g.targets) if dist.owns(j)}
+            with writer.group(part):
+                if dist.main:
+                    self._write_kept(g)
+                self._quantize_group(g, layer, mine)
+            dist.barrier()
+            if dist.main:
+                writer.merge_parts(g.label, [f"{g.label}.part{r}" for r in range(dist.world)])
+        else:
+            with writer.group(g.label):
+                self._write_kept(g)
+                modules = self._quantize_group(g, layer, set(g.targets))
+        self._advance(g, layer, modules, fresh=not split_weights)
+        self.release(g, layer)
+        self.task.advance(0, layer=g.label, read=fmt_bytes(getattr(self.reader, "bytes_read", 0)),
+                          written=fmt_bytes(writer.bytes_written), rss=f"{peak_rss_mb():.0f} MB")
+        if dist.main:
+            crash_point(len(writer.records))
+
+    def _base(self, g: Group) -> None:
+        dist, writer = self.dist, self.writer
+        if dist.main or self.calibrated:
+            self.materialize(g)
+        if dist.main:
+            if not writer.done(g.label):
+                with writer.group(g.label):
+                    write_kept(self.model, g.tensors, writer, self.dtypes)
+            writer.tied.update(_ties(self.model, g.tensors))
+            if self.calibrated and self.layers is not None:
+                self.inputs = capture_layer_inputs(self.model, self.layers[1][0], list(self.calib_ids.split(8)))
+        self.release(g, None)  # embeddings and head are not needed again: one layer at a time from here
+
+    def _write_kept(self, g: Group) -> None:
+        write_kept(self.model, [n for n in g.tensors if n not in self.target_params], self.writer, self.dtypes)
+
+    def _advance(self, g: Group, layer, modules, fresh: bool) -> None:
+        """Run the packed weights from here on: in memory (the caller keeps the packed model), and for calibrated
+        runs to produce the next layer's inputs from this quantized layer."""
+        dist = self.dist
+        needs_packed = (self.reader is None and dist.world == 1) or (dist.main and self.calibrated and layer is not None)
+        if not needs_packed:
+            return
+        if modules is None or not fresh:
+            group = self.writer.read_group(g.label)
+            modules = packed_modules(group)
+            group.close()
+        install_packed(self.model, modules)
+        if layer is not None and self.calibrated:
+            nxt = run_layer(layer, self.inputs)
+            self.inputs.close()
+            self.inputs = nxt
+
+    # -- calibrate, fit, quantize ------------------------------------------------------------------------------
+    def _quantize_group(self, g: Group, layer, mine: set[Target]) -> dict[Target, torch.nn.Module]:
+        modules: dict[Target, torch.nn.Module] = {}
+        for chunk in chunks(g.targets, self.plan, self.calib.max_stats_mb * 2**20):
+            stats = self._calibrate(g, layer, chunk)
+            tables = self._fit(g, chunk, stats)
+            if self.dist.main:
+                for table in tables.values():
+                    self.writer.add_shared(table)
+            modules.update(self._quantize(g, [t for t in chunk if t in mine], stats, tables))
+        return modules
+
+    def _calibrate(self, g: Group, layer, chunk: list[Target]) -> dict[str, Stats | None]:
+        """Statistics of the chunk's calibrated targets from one forward of the calibration inputs (rank 0's,
+        broadcast to the others)."""
+        if not self.calibrated:
+            return {}
+        specs = {t: self.plan[t].quantizer.calibration(self.plan[t].cfg) for t in chunk if self.plan[t].calibrated}
+        if not specs:
+            return {}
+        stats = None
+        if self.dist.main:
+            col = Collector(specs, self.device)
+            if layer is not None:
+                with observing(layer, col, prefix=g.prefix):
+                    run_layer(layer, self.inputs, collect=False)
+            else:
+                with observing(self.model, col):
+                    for b in self.calib_ids.split(8):
+                        self.model(input_ids=b, decoder_input_ids=b if self.model.config.is_encoder_decoder else None)
+            stats = col.finalize()
+        return self.dist.broadcast(stats)
+
+    def _fit(self, g: Group, chunk: list[Target], stats) -> dict[str, SharedTable]:
+        tables: dict[str, SharedTable] = {}
+        for a in self.plan.assignments:
+            mine = [t for t in chunk if self.plan[t] is a]
+            if not mine or type(a.quantizer).fit_layer is Quantizer.fit_layer:
+                continue
+            weights = {t.name: target_weight(self.model, t) for t in mine}
+            for table in a.quantizer.fit_layer(weights, a.cfg, {t.name: stats.get(t.name) for t in mine},
+                                               g.prefix or g.label):
+                tables[table.name] = table
+        return tables
+
+    def _quantize(self, g: Group, targets: list[Target], stats, tables) -> dict[Target, torch.nn.Module]:
+        """Quantize, encode and write ``targets``; the experts of one fused parameter go to the method at once."""
+        modules = {}
+        batches: dict[tuple, list[Target]] = {}
+        for t in targets:
+            key = (t.module, t.param, id(self.plan[t])) if t.expert is not None else (t.name,)
+            batches.setdefault(key, []).append(t)
+        for batch in batches.values():
+            a = self.plan[batch[0]]
+            st = [stats.get(t.name) for t in batch]
+            with torch.no_grad():
+                if batch[0].expert is not None:
+                    w = torch.stack([target_weight(self.model, t) for t in batch])
+                    qs = a.quantizer.quantize_experts(self._place(w), a.cfg, st, tables)
+                else:
+                    qs = [a.quantizer.quantize(self._place(target_weight(self.model, batch[0])), a.cfg, st[0], tables)]
+            for t, q, s in zip(batch, qs, st):
+                q = QTensor(q.shape, {k: v.cpu() for k, v in q.tensors.items()}, q.meta, q.shared)
+                modules[t] = self._write_entry(t, q, s, tables)
+                self.task.advance(1, layer=g.label)
+        return modules
+
+    def _place(self, w: torch.Tensor) -> torch.Tensor:
+        return w.to(self.device) if self.device != "cpu" else w
+
+    def _write_entry(self, t: Target, q: QTensor, s: Stats | None, tables) -> torch.nn.Module:
+        a = self.plan[t]
+        codec = CODECS.get(a.codec)()
+        parts, meta = codec.encode(q)
+        info = entry_info(t, q, target_weight(self.model, t).dtype, self.dtypes)
+        info.update(rule=a.rule, method=a.method, options=a.options(), meta=meta, shared=list(q.shared))
+        if self.calibrated and a.calibrated:
+            info["calib_tokens"] = 0 if s is None else int(s.tokens)
+            if t.expert is not None and s is not None and s.gate_prob is not None:
+                info["gate_prob"] = round(float(s.gate_prob), 4)
+            if s is None:
+                info["fallback"] = "no calibration tokens reached this weight: quantized data-free"
+                self.fallbacks.append(t.name)
+        self.writer.add_packed(t.name, codec.name, parts, info)
+        bias = target_bias(self.model, t)
+        return runtime_module(a.codec, q, bias, {n: tables[n] for n in q.shared})
+
+
+def entry_info(t: Target, q: QTensor, dtype, dtypes: dict) -> dict[str, Any]:
+    src = dtypes.get(f"{t.module}.{t.param}", dtype)
+    return {"module": t.module, "param": t.param, "expert": t.expert, "transposed": t.transposed,
+            "bias": None if t.bias is None else f"{t.module}.{t.bias}", "shape": list(t.shape),
+            "dtype": str(src).removeprefix("torch."), "bits_per_param": round(q.bits_per_param(), 4),
+            "kind": t.kind, "role": t.role}
+
+
+def write_kept(model, names: list[str], writer: ArtifactWriter, dtypes: dict | None = None) -> None:
+    """Write the group's tensors that are not quantized weights, once per storage (ties are recorded apart),
+    in their checkpoint dtype (``dtypes``; streamed groups are computed in float32)."""
+    sd = model.state_dict(keep_vars=True)
+    seen = set()
+    for name in names:
+        t = sd[name]
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        writer.add_kept(name, t.to((dtypes or {}).get(name, t.dtype)))
+
+
+def _ties(model, names: list[str]) -> dict[str, str]:
+    sd = model.state_dict(keep_vars=True)
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name in names:
+        t = sd[name]
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and key in first:
+            tied[name] = first[key]
+        else:
+            first.setdefault(key, name)
+    return tied
+
+
+def crash_point(finished: int) -> None:
+    """Testing aid: MOEQ_CRASH_AFTER_GROUPS=N sends this process SIGKILL once N groups are on disk (the
+    resume tests use it to kill a run at an exact point; nothing is cleaned up, as with a real kill -9)."""
+    n = os.environ.get("MOEQ_CRASH_AFTER_GROUPS")
+    if n and finished >= int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

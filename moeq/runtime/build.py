@@ -1,0 +1,41 @@
+"""Runtime modules from packed entries: each entry's codec decodes it and ``RUNTIMES[codec]`` executes it, so an
+artifact may mix methods freely (there is no artifact-wide method)."""
+
+from __future__ import annotations
+
+import torch
+
+from moeq.formats.container import ArtifactReader
+from moeq.models.adapter import Target
+from moeq.quant.base import QTensor, SharedTable
+from moeq.registry import CODECS, RUNTIMES
+
+
+def runtime_module(codec: str, q: QTensor, bias: torch.Tensor | None,
+                   shared: dict[str, SharedTable] | None = None) -> torch.nn.Module:
+    """The nn.Module computing ``x @ W.T + bias`` from the packed weight ``q`` of ``codec``."""
+    return RUNTIMES.get(codec)(q, bias, shared or {})
+
+
+def entry_target(name: str, e: dict) -> Target:
+    return Target(name, e["module"], e["param"], e["expert"], e["transposed"], None, tuple(e["shape"]), e["role"])
+
+
+def packed_modules(reader: ArtifactReader, shard: str | None = None) -> dict[Target, torch.nn.Module]:
+    """Runtime modules for every packed entry a reader holds, or those in ``shard`` (decoded, checksummed)."""
+    modules = {}
+    tables: dict[str, SharedTable] = {}
+    for name, e in reader.tensors.items():
+        if shard is not None and e["shard"] != shard:
+            continue
+        codec = CODECS.get(e["codec"])()
+        q = codec.decode(reader.read_packed(name), e.get("meta", {}), tuple(e["shape"]), e["codec_version"])
+        for s in e.get("shared", []):
+            if s not in tables:
+                tables[s] = reader.read_shared(s)
+        bias = None
+        if e.get("bias") and e["bias"] in reader.kept:
+            b = reader.read_kept(e["bias"])
+            bias = b if e["expert"] is None else b[e["expert"]]
+        modules[entry_target(name, e)] = runtime_module(e["codec"], q, bias, {s: tables[s] for s in e.get("shared", [])})
+    return modules
