@@ -38,7 +38,7 @@ class Calibration(Strict):
     seqlen: int = Field(512, ge=8)
     seed: int = 0
     device: Literal["cpu", "cuda"] = Field("cpu", description="where calibration forwards and GPTQ run")
-    max_stats_mb: int = Field(4096, ge=1, description="cap on one layer's statistics (Hessians); a layer whose "
+    max_stats_mb: float = Field(4096, gt=0, description="cap on one layer's statistics (Hessians); a layer whose "
                               "statistics exceed it is calibrated in chunks of experts, one forward per chunk")
 
 

@@ -42,11 +42,13 @@ class Collector:
         self.key_of: dict[str, str] = {}          # target name -> input key
         self.states: dict[str, _State] = {}       # input key -> states
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}   # id(input) -> (input kept alive, key), per forward
-        self._fed: set[tuple[str, str]] = set()   # (key, accumulator) fed in this forward
+        self._fed: set[tuple[str, int, str]] = set()  # (key, id(input), accumulator) fed in this forward
+        self._alive: list[torch.Tensor] = []      # inputs fed in this forward: their ids stay unique
 
     def new_forward(self) -> None:
         self._seen.clear()
         self._fed.clear()
+        self._alive.clear()
 
     def _feed(self, key: str, spec: CalibSpec, x: torch.Tensor, gate: torch.Tensor | None) -> None:
         st = self.states.get(key)
@@ -55,17 +57,17 @@ class Collector:
         x2 = x.detach().reshape(-1, x.shape[-1]).to(self.device, torch.float32)
         if x2.shape[0] == 0:
             return
-        fresh = (key, "") not in self._fed
-        if fresh:
-            self._fed.add((key, ""))
+        self._alive.append(x)
+        if (key, id(x), "") not in self._fed:  # the same input read by several targets counts once
+            self._fed.add((key, id(x), ""))
             st.tokens += x2.shape[0]
             if gate is not None:
                 st.gate_prob += float(gate.sum())
         for acc in spec.accumulators:
             name = repr(acc)
-            if (key, name) in self._fed:
+            if (key, id(x), name) in self._fed:
                 continue
-            self._fed.add((key, name))
+            self._fed.add((key, id(x), name))
             if name not in st.acc:
                 st.acc[name] = (acc, acc.init(x2.shape[1], self.device))
             w = gate.to(self.device, torch.float32) if (gate is not None and spec.gate_weighted) else None
