@@ -14,7 +14,7 @@ from moeq.cli.app import app
 from moeq.errors import ArtifactError
 from moeq.quant.base import MethodConfig, QTensor, Quantizer, SharedTable
 from moeq.recipes import EvalSpec, Recipe
-from moeq.registry import CODECS, QUANTIZERS, RUNTIMES, load_builtins
+from moeq.registry import CODECS, QUANTIZERS, load_builtins
 from tests.test_calib import starve
 from tests.tiny_models import V, build
 
@@ -86,7 +86,8 @@ def test_starved_expert_falls_back_visibly_and_evaluates(tmp_path):
     assert torch.isfinite(got).all() and ((got - ref).norm() / ref.norm()) < 0.1
 
 
-# -- shared tables: a toy method whose 16-level codebook is fitted per layer and stored once ------------------
+# -- shared tables: a toy method whose 16-level codebook is fitted per layer and stored once; it has no runtime of
+# its own (the fallback decodes it once at load) -----------------------------------------------------------------
 class _LutConfig(MethodConfig):
     pass
 
@@ -105,7 +106,8 @@ class _LutQuantizer(Quantizer):
         return QTensor(tuple(w.shape), {"codes": codes}, {}, (name,))
 
     def dequantize(self, q, shared=None):
-        return shared[q.shared[0]].tensors["levels"][q.tensors["codes"].long()]
+        (table,) = (shared[n] for n in q.shared)  # the entry's table names are set by the loader
+        return table.tensors["levels"][q.tensors["codes"].long()]
 
 
 class _LutCodec:
@@ -118,25 +120,15 @@ class _LutCodec:
         return QTensor(shape, dict(parts), {})
 
 
-class _LutLinear(torch.nn.Module):
-    def __init__(self, q, bias, shared):
-        super().__init__()
-        self.w = _LutQuantizer().dequantize(QTensor(q.shape, q.tensors, {}, tuple(shared)), shared)
-
-    def forward(self, x):
-        return x @ self.w.to(x.dtype).T
-
-
 @contextmanager
 def _registered():
     load_builtins()
-    for reg, name, obj in ((QUANTIZERS, "test-lut", _LutQuantizer), (CODECS, "test-lut-codes", _LutCodec),
-                           (RUNTIMES, "test-lut-codes", _LutLinear)):
+    for reg, name, obj in ((QUANTIZERS, "test-lut", _LutQuantizer), (CODECS, "test-lut-codes", _LutCodec)):
         reg.register(name)(obj)
     try:
         yield
     finally:
-        for reg, name in ((QUANTIZERS, "test-lut"), (CODECS, "test-lut-codes"), (RUNTIMES, "test-lut-codes")):
+        for reg, name in ((QUANTIZERS, "test-lut"), (CODECS, "test-lut-codes")):
             reg._items.pop(name)
 
 

@@ -19,7 +19,6 @@ PROTOCOLS = ("gptq", "llamacpp")
 @dataclass
 class PplResult:
     ppl: float
-    nll_sum: float
     tokens: int
     windows: int
     protocol: str
@@ -72,7 +71,7 @@ def perplexity(model, windows: torch.Tensor, protocol: str = "gptq", batch_size:
             base_nll += -ref.gather(-1, targets.unsqueeze(-1)).sum().item()
         if progress is not None:
             progress(batch.shape[0])
-    return PplResult(ppl=math.exp(nll / count), nll_sum=nll, tokens=count, windows=windows.shape[0],
+    return PplResult(ppl=math.exp(nll / count), tokens=count, windows=windows.shape[0],
                      protocol=protocol, seqlen=windows.shape[1],
                      kl_mean=None if baseline is None else kl_sum / count,
                      extra={} if baseline is None else {"baseline_ppl": math.exp(base_nll / count)})

@@ -96,13 +96,28 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, batches: list
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: Activations, collect: bool = True) -> Activations | None:
-    """Apply ``layer`` to each captured call; with ``collect`` return the inputs of the next layer."""
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def run_layer(layer: nn.Module, inputs: Activations, collect: bool = True, device: str = "cpu") -> Activations | None:
+    """Apply ``layer`` to each captured call; with ``collect`` return the inputs of the next layer (kept on the
+    CPU). ``device``: where the layer runs (the layer must be there; each batch is moved there and back)."""
     out = Activations(inputs.cap) if collect else None
     for args, kwargs in inputs:
+        if device != "cpu":
+            args, kwargs = _to(args, device), _to(kwargs, device)
         y = layer(*args, **kwargs)
         if collect:
             hidden = y[0] if isinstance(y, tuple) else y
+            if device != "cpu":
+                hidden, args, kwargs = hidden.cpu(), _to(args, "cpu"), _to(kwargs, "cpu")
             out.append((hidden, *args[1:]) if args else (), kwargs if args else {**kwargs, "hidden_states": hidden})
     return out
 

@@ -211,7 +211,8 @@ class Run:
             group.close()
         install_packed(self.model, modules)
         if layer is not None and self.calibrated:
-            nxt = run_layer(layer, self.inputs)
+            nxt = run_layer(layer.to(self.device), self.inputs, device=self.device)
+            layer.to("cpu")
             self.inputs.close()
             self.inputs = nxt
 
@@ -239,8 +240,9 @@ class Run:
         if self.dist.main:
             col = Collector(specs, self.device)
             if layer is not None:
-                with observing(layer, col, prefix=g.prefix):
-                    run_layer(layer, self.inputs, collect=False)
+                with observing(layer.to(self.device), col, prefix=g.prefix):
+                    run_layer(layer, self.inputs, collect=False, device=self.device)
+                layer.to("cpu")
             else:
                 with observing(self.model, col):
                     for b in self.calib_ids.split(8):
@@ -300,7 +302,7 @@ class Run:
                 self.fallbacks.append(t.name)
         self.writer.add_packed(t.name, codec.name, parts, info)
         bias = target_bias(self.model, t)
-        return runtime_module(a.codec, q, bias, {n: tables[n] for n in q.shared})
+        return runtime_module(a.codec, q, bias, {n: tables[n] for n in q.shared}, a.method)
 
 
 def entry_info(t: Target, q: QTensor, dtype, dtypes: dict) -> dict[str, Any]:

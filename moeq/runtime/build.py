@@ -1,5 +1,6 @@
 """Runtime modules from packed entries: each entry's codec decodes it and ``RUNTIMES[codec]`` executes it, so an
-artifact may mix methods freely (there is no artifact-wide method)."""
+artifact may mix methods freely (there is no artifact-wide method). A codec without a runtime of its own runs
+as ``DequantizedLinear``: its method's ``dequantize`` once at load, then a dense matmul (correct, not lean)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,28 @@ import torch
 from moeq.formats.container import ArtifactReader
 from moeq.models.adapter import Target
 from moeq.quant.base import QTensor, SharedTable
-from moeq.registry import CODECS, RUNTIMES
+from moeq.registry import CODECS, QUANTIZERS, RUNTIMES
+
+
+class DequantizedLinear(torch.nn.Module):
+    """Fallback runtime: the weight decoded to float once (by its method), then ``F.linear``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), b)
 
 
 def runtime_module(codec: str, q: QTensor, bias: torch.Tensor | None,
-                   shared: dict[str, SharedTable] | None = None) -> torch.nn.Module:
-    """The nn.Module computing ``x @ W.T + bias`` from the packed weight ``q`` of ``codec``."""
-    return RUNTIMES.get(codec)(q, bias, shared or {})
+                   shared: dict[str, SharedTable] | None = None, method: str | None = None) -> torch.nn.Module:
+    """The nn.Module computing ``x @ W.T + bias`` from the packed weight ``q`` of ``codec`` (written by ``method``)."""
+    if codec in RUNTIMES:
+        return RUNTIMES.get(codec)(q, bias, shared or {})
+    return DequantizedLinear(QUANTIZERS.get(method)().dequantize(q, shared or {}), bias)
 
 
 def entry_target(name: str, e: dict) -> Target:
@@ -30,6 +46,7 @@ def packed_modules(reader: ArtifactReader, shard: str | None = None) -> dict[Tar
             continue
         codec = CODECS.get(e["codec"])()
         q = codec.decode(reader.read_packed(name), e.get("meta", {}), tuple(e["shape"]), e["codec_version"])
+        q.shared = tuple(e.get("shared", ()))  # the tables the entry references (the manifest, not the codec, says)
         for s in e.get("shared", []):
             if s not in tables:
                 tables[s] = reader.read_shared(s)
@@ -37,5 +54,6 @@ def packed_modules(reader: ArtifactReader, shard: str | None = None) -> dict[Tar
         if e.get("bias") and e["bias"] in reader.kept:
             b = reader.read_kept(e["bias"])
             bias = b if e["expert"] is None else b[e["expert"]]
-        modules[entry_target(name, e)] = runtime_module(e["codec"], q, bias, {s: tables[s] for s in e.get("shared", [])})
+        modules[entry_target(name, e)] = runtime_module(e["codec"], q, bias, {s: tables[s] for s in e.get("shared", [])},
+                                                        e["method"])
     return modules
