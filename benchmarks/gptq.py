@@ -88,7 +88,7 @@ def main():
               f"{res['bits_per_param']:.3f} bits/param  {q_s:6.1f}s  fallbacks {res['fallbacks']}", flush=True)
         del m
     print()
-    print(f"| config | method | options | ppl | vs float | bits/param | quantize s |")
+    print("| config | method | options | ppl | vs float | bits/param | quantize s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         extra = {k: v for k, v in r["options"].items() if k not in ("bits", "group_size")}

@@ -3,6 +3,7 @@
 
     python benchmarks/scale.py                       # int8 weight-only (data-free) and calibrated w8a8
     python benchmarks/scale.py --method int8 --mode w8a8 --calib-samples 16
+    python benchmarks/scale.py --method gptq --mode calibrated -O bits=4     # GPTQ W4 g128, per-expert Hessians
 
 The checkpoint (random N(0, 0.02^2) bf16 weights, fixed seed, one shard per layer, outside the repo) is laid out
 as the published Mixtral checkpoints are: per-expert ``block_sparse_moe.experts.{e}.w1/w2/w3`` tensors, which
@@ -89,12 +90,13 @@ def timed_moeq(args: list[str], what: str) -> tuple[float, float]:
     return wall, rss_kb / 1024
 
 
-def run_quantize(model_dir: Path, out: Path, method: str, mode: str, calib_samples: int, calib_seqlen: int):
+def run_quantize(model_dir: Path, out: Path, method: str, mode: str, calib_samples: int, calib_seqlen: int,
+                 extra: list[str] = ()):
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name(f".{out.name}.moeq-tmp"), ignore_errors=True)
     args = ["quantize", str(model_dir), "-o", str(out), "--method", method, "--json",
             str(out.parent / f"{out.name}.json"), "--calib-samples", str(calib_samples), "--calib-seqlen", str(calib_seqlen)]
-    wall, rss = timed_moeq(args + (["--weight-only"] if mode == "weight_only" else []), "quantize")
+    wall, rss = timed_moeq(args + list(extra) + (["--weight-only"] if mode == "weight_only" else []), "quantize")
     return wall, rss, json.loads((out.parent / f"{out.name}.json").read_text())
 
 
@@ -115,7 +117,10 @@ def main():
     ap.add_argument("--layers", type=int, default=34)
     ap.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parent.parent / "moeq/zoo/tiny-moe")
     ap.add_argument("--method", default="int8")
-    ap.add_argument("--mode", action="append", choices=["weight_only", "w8a8"], default=None)
+    ap.add_argument("--mode", action="append", choices=["weight_only", "w8a8", "calibrated"], default=None,
+                    help="int8: weight_only / w8a8; other methods: calibrated (their options via -O)")
+    ap.add_argument("-O", "--option", action="append", default=[], help="method option key=value (moeq quantize -O)")
+    ap.add_argument("--max-stats-mb", type=float, default=None, help="cap on one layer's calibration statistics")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--keep", action="store_true", help="keep the quantized outputs")
@@ -133,9 +138,12 @@ def main():
     rows = []
     for mode in a.mode or ["weight_only", "w8a8"]:
         out = a.dir.parent / f"out-{a.method}-{mode}"
-        wall, rss, res = run_quantize(a.dir, out, a.method, mode, a.calib_samples, a.calib_seqlen)
+        extra = [x for o in a.option for x in ("-O", o)]
+        if a.max_stats_mb is not None:
+            extra += ["--max-stats-mb", str(a.max_stats_mb)]
+        wall, rss, res = run_quantize(a.dir, out, a.method, mode, a.calib_samples, a.calib_seqlen, extra)
         rate = ckpt / wall / 1e9
-        calib_buf = a.calib_samples * a.calib_seqlen * SHAPE["hidden_size"] * 4 if mode == "w8a8" else 0
+        calib_buf = a.calib_samples * a.calib_seqlen * SHAPE["hidden_size"] * 4 if mode != "weight_only" else 0
         rows.append({"method": a.method, "mode": mode, "checkpoint_gb": ckpt / 1e9, "params": params,
                      "wall_s": wall, "gb_per_s": rate, "peak_rss_mb": rss, "rss_over_checkpoint": rss * 2**20 / ckpt,
                      "calib_buffer_mb": calib_buf / 2**20, "output_gb": res["total_bytes"] / 1e9,

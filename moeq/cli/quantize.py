@@ -26,6 +26,8 @@ def quantize(
     calib_samples: Annotated[Optional[int], typer.Option(help="calibration windows")] = None,
     calib_seqlen: Annotated[Optional[int], typer.Option(help="calibration window length in tokens")] = None,
     calib_data: Annotated[Optional[str], typer.Option(help="'wiki' (embedded, calibration split), a text file or hf:NAME")] = None,
+    max_stats_mb: Annotated[Optional[float], typer.Option(help="cap on one layer's calibration statistics (Hessians), "
+                                                                "MB; beyond it the layer is calibrated in chunks")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda: where calibration forwards and GPTQ run")] = None,
     dump_recipe: Annotated[bool, typer.Option("--dump-recipe", help="print the resolved recipe (YAML) and exit")] = False,
     workers: Annotated[int, typer.Option(min=1, help="processes (torch.distributed, gloo on CPU); the artifact is "
@@ -70,7 +72,7 @@ def quantize(
         r.options = {**r.options, **opts}
         r.include_lm_head = r.include_lm_head or lm_head
     for field, val in (("samples", calib_samples), ("seqlen", calib_seqlen), ("source", calib_data),
-                       ("device", device)):
+                       ("device", device), ("max_stats_mb", max_stats_mb)):
         if val is not None:
             setattr(r.calibration, field, val)
     try:
