@@ -63,6 +63,7 @@ class Entry(_Stored):
     calib_tokens: int | None = Field(None, ge=0)
     gate_prob: float | None = None
     fallback: str | None = None
+    quant_info: dict[str, Any] | None = None
 
     @field_validator("shape")
     @classmethod

@@ -279,7 +279,7 @@ class Run:
                 else:
                     qs = [a.quantizer.quantize(self._place(target_weight(self.model, batch[0])), a.cfg, st[0], tables)]
             for t, q, s in zip(batch, qs, st):
-                q = QTensor(q.shape, {k: v.cpu() for k, v in q.tensors.items()}, q.meta, q.shared)
+                q = QTensor(q.shape, {k: v.cpu() for k, v in q.tensors.items()}, q.meta, q.shared, q.info)
                 modules[t] = self._write_entry(t, q, s, tables)
                 self.task.advance(1, layer=g.label)
         return modules
@@ -291,8 +291,10 @@ class Run:
         a = self.plan[t]
         codec = CODECS.get(a.codec)()
         parts, meta = codec.encode(q)
-        info = entry_info(t, q, target_weight(self.model, t).dtype, self.dtypes)
+        info = entry_info(t, parts, target_weight(self.model, t).dtype, self.dtypes)
         info.update(rule=a.rule, method=a.method, options=a.options(), meta=meta, shared=list(q.shared))
+        if q.info:
+            info["quant_info"] = q.info
         if self.calibrated and a.calibrated:
             info["calib_tokens"] = 0 if s is None else int(s.tokens)
             if t.expert is not None and s is not None and s.gate_prob is not None:
@@ -305,11 +307,13 @@ class Run:
         return runtime_module(a.codec, q, bias, {n: tables[n] for n in q.shared}, a.method)
 
 
-def entry_info(t: Target, q: QTensor, dtype, dtypes: dict) -> dict[str, Any]:
+def entry_info(t: Target, parts: dict[str, torch.Tensor], dtype, dtypes: dict) -> dict[str, Any]:
+    """What the manifest says of a packed weight (bits/param from the stored parts: codes, scales, metadata)."""
     src = dtypes.get(f"{t.module}.{t.param}", dtype)
+    nbytes = sum(p.numel() * p.element_size() for p in parts.values())
     return {"module": t.module, "param": t.param, "expert": t.expert, "transposed": t.transposed,
             "bias": None if t.bias is None else f"{t.module}.{t.bias}", "shape": list(t.shape),
-            "dtype": str(src).removeprefix("torch."), "bits_per_param": round(q.bits_per_param(), 4),
+            "dtype": str(src).removeprefix("torch."), "bits_per_param": round(8 * nbytes / (t.shape[0] * t.shape[1]), 4),
             "kind": t.kind, "role": t.role}
 
 

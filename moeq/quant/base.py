@@ -30,18 +30,15 @@ class MethodConfig(BaseModel):
 @dataclass
 class QTensor:
     """A quantized 2-D weight: named tensors plus scalar metadata, as the quantizer produced them.
-    ``shared`` names the shared tables (``SharedTable.name``) the weight is decoded with."""
+    ``shared`` names the shared tables (``SharedTable.name``) the weight is decoded with. ``info``: diagnostics
+    for the manifest (e.g. which fallback GPTQ used, its proxy loss); not part of the code, never decoded."""
 
     shape: tuple[int, int]
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     shared: tuple[str, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-    def bits_per_param(self) -> float:
-        return 8.0 * self.nbytes() / (self.shape[0] * self.shape[1])
 
 
 @dataclass

@@ -1,0 +1,252 @@
+"""GPTQ (Frantar et al. 2022) as pure tensor math: grid-agnostic and batched over experts.
+
+The caller passes the quantization grid (a ``ColumnGrid``: uniform, a power-exponent LUT, ternary, ...), so one
+implementation serves every method that wants GPTQ's error feedback. All functions take ``W`` [E, out, in] (or one
+matrix [out, in]) and work on whatever device the inputs are on, in float32 (float64 if an input is float64).
+
+Groups. ``group_size`` g > 0 gives each row one set of grid parameters per g consecutive ORIGINAL input columns
+(the last group may be shorter); g = 0 gives one set per row computed from the whole row. Parameters are
+  - static (``static_groups=True``, always with ``act_order``, always for g = 0): computed up front from the
+    original weights (dead columns zeroed), so act-order needs no stored permutation / g_idx;
+  - dynamic (``static_groups=False``, no act-order): computed when the group's first column is reached, from the
+    weights as updated by every earlier column's error (the IST-DASLab reference's behaviour; unlike the reference,
+    which reads the not-yet-updated matrix when a group starts inside a block, the block size is rounded to a
+    multiple of g so a group always sees its in-block updates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+# damping multipliers tried in turn when H + λI is not positive definite; after the last, identity H (= RTN)
+DAMP_STEPS = (1.0, 10.0, 100.0, 1000.0)
+
+
+class ColumnGrid(Protocol):
+    """A quantization grid applied column by column.
+
+    ``params(w [E, out, k]) -> {name: [E, out]}``: per-row parameters of a group of k columns, from the weights given.
+    ``quantize(w, params) -> (deq, codes)``: elementwise, ``w`` of any shape broadcastable with the params
+    (GPTQ passes one column [E, out], RTN whole matrices [E, out, in] with column-expanded params); ``deq`` in
+    w's dtype, ``codes`` of dtype ``code_dtype``. ``deq`` must be exactly what the stored codes decode to."""
+
+    code_dtype: torch.dtype
+
+    def params(self, w: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def quantize(self, w: torch.Tensor, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class GridResult:
+    """codes [E, out, in] in the original column order; params {name: [E, out, n_groups]}; deq [E, out, in]
+    (the dequantized weight). Without the E dimension when the input was one [out, in] matrix."""
+
+    codes: torch.Tensor
+    params: dict[str, torch.Tensor]
+    deq: torch.Tensor
+
+
+@dataclass
+class GPTQResult(GridResult):
+    """Adds, per expert: ``row_loss`` [E, out] GPTQ's proxy loss sum_i (w_i - q_i)^2 / (2 Hinv_ii^2) per row
+    (``loss`` [E] sums it), ``percdamp`` [E] the damping actually used (NaN where identity was used), and
+    ``fallback`` (one string per expert): ``none``, ``damp`` (more damping needed) or ``identity`` (Cholesky
+    failed at every damping: round-to-nearest)."""
+
+    row_loss: torch.Tensor = None
+    percdamp: torch.Tensor = None
+    fallback: tuple[str, ...] = ()
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.row_loss.sum(-1)
+
+
+def column_groups(cols: int, group_size: int, device=None) -> torch.Tensor:
+    """[cols] the group index of each input column."""
+    idx = torch.arange(cols, device=device)
+    return idx // group_size if group_size else torch.zeros_like(idx)
+
+
+def group_params(w: torch.Tensor, grid: ColumnGrid, group_size: int) -> dict[str, torch.Tensor]:
+    """Static parameters of every group: w [E, out, in] -> {name: [E, out, n_groups]}."""
+    step = group_size or w.shape[-1]
+    per_group = [grid.params(w[..., a:a + step]) for a in range(0, w.shape[-1], step)]
+    return {k: torch.stack([p[k] for p in per_group], dim=-1) for k in per_group[0]}
+
+
+def column_params(params: dict[str, torch.Tensor], gidx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{name: [E, out, n_groups]} and gidx [E, k] (group of each column, per expert) -> {name: [E, out, k]}."""
+    e, out = next(iter(params.values())).shape[:2]
+    idx = gidx[:, None, :].expand(e, out, gidx.shape[-1])
+    return {k: v.gather(-1, idx) for k, v in params.items()}
+
+
+def _dtype(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def rtn(w: torch.Tensor, grid: ColumnGrid, group_size: int = 0) -> GridResult:
+    """Round-to-nearest with the same grid and group logic as ``gptq`` (its result with H = identity)."""
+    if w.ndim == 2:
+        return _squeeze(rtn(w[None], grid, group_size))
+    w = w.to(_dtype(w))
+    e, _, cols = w.shape
+    params = group_params(w, grid, group_size)
+    gidx = column_groups(cols, group_size, w.device).expand(e, cols)
+    deq, codes = grid.quantize(w, column_params(params, gidx))
+    return GridResult(codes, params, deq)
+
+
+def inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """U = upper Cholesky factor of (H + λI)^-1, λ = percdamp·mean(diag H), for H [E, n, n].
+    Experts whose factorization fails are retried with ``DAMP_STEPS`` times more damping, then get U = I.
+    Returns U, the percdamp used per expert (NaN: identity) and the fallback label per expert."""
+    e, n, _ = h.shape
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    u = eye.expand(e, n, n).clone()
+    used = torch.full((e,), float("nan"), dtype=h.dtype, device=h.device)
+    labels = ["identity"] * e
+    mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)
+    todo = torch.arange(e, device=h.device)
+    for step, mult in enumerate(DAMP_STEPS):
+        hd = h[todo].clone()
+        hd.diagonal(dim1=-2, dim2=-1).add_((percdamp * mult * mean_diag[todo])[:, None])
+        l, info = torch.linalg.cholesky_ex(hd)
+        ok = info == 0
+        hinv = torch.cholesky_inverse(torch.where(ok[:, None, None], l, eye))
+        uu, info = torch.linalg.cholesky_ex(hinv, upper=True)
+        ok &= (info == 0) & uu.isfinite().all(-1).all(-1)
+        done = todo[ok]
+        u[done] = uu[ok]
+        used[done] = percdamp * mult
+        for i in done.tolist():
+            labels[i] = "none" if step == 0 else "damp"
+        todo = todo[~ok]
+        if not todo.numel():
+            break
+    return u, used, tuple(labels)
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, grid: ColumnGrid, *, group_size: int = 0, block_size: int = 128,
+         percdamp: float = 0.01, act_order: bool = False, static_groups: bool = True) -> GPTQResult:
+    """GPTQ-quantize ``w`` [E, out, in] (or [out, in]) against Hessians ``h`` [E, in, in]; an [in, in] ``h`` is
+    shared by every expert (pooled statistics: rows are independent given H, so the experts are stacked into one
+    matrix). Dead inputs (H_ii == 0) get H_ii = 1 and their weight column zeroed. ``act_order`` processes columns
+    by descending diag H (per expert) and needs static groups. See the module docstring for groups."""
+    if act_order and group_size and not static_groups:
+        raise ValueError("act_order with dynamic groups would need a stored column permutation; "
+                         "use static_groups=True")
+    opts = {"group_size": group_size, "block_size": block_size, "percdamp": percdamp, "act_order": act_order,
+            "static_groups": static_groups}
+    if w.ndim == 2:
+        return _squeeze(gptq(w[None], h if h.ndim == 3 else h[None], grid, **opts))
+    if h.ndim == 2:
+        e, out, cols = w.shape
+        return _unstack(gptq(w.reshape(1, e * out, cols), h[None], grid, **opts), e)
+    if h.shape != (w.shape[0], w.shape[2], w.shape[2]):
+        raise ValueError(f"Hessians {tuple(h.shape)} do not match weights {tuple(w.shape)}")
+    return _gptq(w, h, grid, **opts)
+
+
+def _gptq(w, h, grid, *, group_size, block_size, percdamp, act_order, static_groups) -> GPTQResult:
+    dt = _dtype(w, h)
+    w = w.to(dtype=dt, copy=True)
+    h = h.to(device=w.device, dtype=dt, copy=True)
+    e, _, cols = w.shape
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag[dead] = 1.0
+    w.masked_fill_(dead[:, None, :], 0.0)
+    static = static_groups or not group_size
+    params = group_params(w, grid, group_size) if static else None
+    gidx = column_groups(cols, group_size, w.device).expand(e, cols)
+    perm = None
+    if act_order:
+        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
+        w = w.gather(-1, perm[:, None, :].expand_as(w))
+        h = h.gather(-2, perm[:, :, None].expand_as(h)).gather(-1, perm[:, None, :].expand_as(h))
+        gidx = gidx.gather(-1, perm)
+    u, used, labels = inverse_cholesky(h, percdamp)
+    if static:
+        codes, deq, row_loss = _sweep_static(w, u, grid, params, gidx, block_size)
+    else:
+        codes, deq, row_loss, params = _sweep_dynamic(w, u, grid, group_size, block_size)
+    if perm is not None:
+        inv = torch.argsort(perm, dim=-1)[:, None, :].expand_as(w)
+        codes, deq = codes.gather(-1, inv), deq.gather(-1, inv)
+    return GPTQResult(codes, params, deq, row_loss, used, labels)
+
+
+def _outputs(w, grid):
+    """Empty codes and deq like ``w`` and a zero proxy loss per row."""
+    codes = torch.empty(w.shape, dtype=grid.code_dtype, device=w.device)
+    return codes, torch.empty_like(w), w.new_zeros(w.shape[:2])
+
+
+def _sweep_static(w, u, grid, params, gidx, block_size):
+    """The column sweep with per-column parameters known up front (``gidx`` [E, in]: group of each column in
+    processing order)."""
+    cols = w.shape[-1]
+    codes, deq, row_loss = _outputs(w, grid)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        p = column_params(params, gidx[:, i1:i2])
+        row_loss += _block(w, u, grid, i1, i2, lambda i, w1, p=p: {k: v[..., i] for k, v in p.items()}, codes, deq)
+    return codes, deq, row_loss
+
+
+def _sweep_dynamic(w, u, grid, group_size, block_size):
+    """The column sweep with each group's parameters taken when its first column is reached (no act-order)."""
+    cols = w.shape[-1]
+    codes, deq, row_loss = _outputs(w, grid)
+    block_size = max(block_size // group_size, 1) * group_size   # a group never straddles two blocks
+    groups: list[dict[str, torch.Tensor]] = []
+
+    def params_of(i, w1):   # column i of the block, before it is quantized; w1: the block's updated weights
+        if i % group_size == 0:   # blocks start on group boundaries
+            groups.append(grid.params(w1[..., i:i + group_size]))
+        return groups[-1]
+
+    for i1 in range(0, cols, block_size):
+        row_loss += _block(w, u, grid, i1, min(i1 + block_size, cols), params_of, codes, deq)
+    params = {k: torch.stack([g[k] for g in groups], dim=-1) for k in groups[0]}
+    return codes, deq, row_loss, params
+
+
+def _block(w, u, grid, i1, i2, params_of, codes, deq) -> torch.Tensor:
+    """Quantize columns [i1, i2) of ``w`` into ``codes``/``deq`` with the lazy-batch scheme: each column's scaled
+    error updates the rest of the block at once, the block's errors update every later column of ``w`` with one
+    batched GEMM. ``params_of(i, w1)``: the grid parameters of block column i. Returns the block's proxy loss
+    per row [E, out]."""
+    w1 = w[..., i1:i2].clone()
+    u1 = u[:, i1:i2, i1:i2]
+    err1 = torch.empty_like(w1)
+    for i in range(i2 - i1):
+        col = w1[..., i]
+        q, c = grid.quantize(col, params_of(i, w1))
+        deq[..., i1 + i], codes[..., i1 + i] = q, c
+        err = (col - q) / u1[:, i, i, None]
+        w1[..., i + 1:] -= err[..., None] * u1[:, None, i, i + 1:]
+        err1[..., i] = err
+    if i2 < w.shape[-1]:
+        w[..., i2:] -= err1 @ u[:, i1:i2, i2:]
+    return err1.square().sum(-1) / 2
+
+
+def _squeeze(r: GridResult) -> GridResult:
+    fields = {k: v[0] for k, v in vars(r).items() if isinstance(v, torch.Tensor)}
+    fields["params"] = {k: v[0] for k, v in r.params.items()}
+    return type(r)(**{**vars(r), **fields})
+
+
+def _unstack(r: GPTQResult, e: int) -> GPTQResult:
+    """One pooled result [1, E*out, ...] -> [E, out, ...] (the shared H's damping/fallback repeated per expert)."""
+    def split(t):
+        return t.reshape(e, -1, *t.shape[2:])
+    return GPTQResult(split(r.codes), {k: split(v) for k, v in r.params.items()}, split(r.deq),
+                      r.row_loss.reshape(e, -1), r.percdamp.expand(e).clone(), r.fallback * e)

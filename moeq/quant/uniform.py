@@ -1,0 +1,179 @@
+"""Uniform b-bit affine quantization: w ~= scale * (code - zero) per row and group of inputs, and the two methods
+that share the grid: ``rtn`` (data-free round-to-nearest) and ``gptq`` (calibrated error feedback,
+``moeq.quant.gptq``). Both store codec ``affine-packed``.
+
+QTensor tensors: ``codes`` uint8 [out, in] (0 .. 2^bits - 1), ``scale`` float16 [out, n_groups],
+``zero`` uint8 [out, n_groups]; meta {bits, group_size, sym}. Group j covers inputs [j*g, (j+1)*g) (the last may
+be shorter); group_size 0 = one group per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from moeq.quant.base import CalibSpec, MethodConfig, QTensor, Quantizer, SharedTable, Stats
+from moeq.quant.gptq import GPTQResult, GridResult, gptq, rtn
+from moeq.quant.stats import Hessian
+from moeq.registry import QUANTIZERS
+
+FP16_MIN, FP16_MAX = 2.0 ** -24, 65504.0       # smallest subnormal / largest finite float16
+BATCH_BYTES = 1 << 28    # Hessian bytes per batched GPTQ call (experts are chunked to stay under it)
+
+
+@dataclass(frozen=True)
+class UniformGrid:
+    """The uniform grid as a ``moeq.quant.gptq.ColumnGrid``, GPTQ's quantizer:
+      asymmetric: range [min(w, 0), max(w, 0)] over 2^b - 1 steps, zero = round(-min / scale) in [0, 2^b - 1];
+      symmetric:  range [-absmax, absmax], zero = 2^(b-1), so codes reach -2^(b-1) .. 2^(b-1) - 1 steps and the
+                  positive extreme clips by half a step (the reference keeps min = 0 for a group with no negative
+                  weight, clipping it to half its range; here the range is always symmetric).
+    An all-zero group gets the range [-1, 1]. The scale is rounded to float16 (kept in [2^-24, 65504]) before the
+    codes are chosen, as stored, so ``deq`` is exactly what the codec's parts decode to."""
+
+    bits: int
+    sym: bool = False
+    code_dtype: ClassVar[torch.dtype] = torch.uint8
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def params(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        if self.sym:
+            hi = torch.maximum(-lo, hi)
+            lo = -hi
+        empty = (lo == 0) & (hi == 0)
+        lo, hi = lo.masked_fill(empty, -1.0), hi.masked_fill(empty, 1.0)
+        scale = ((hi - lo) / self.maxq).clamp(FP16_MIN, FP16_MAX).half().to(w.dtype)
+        if self.sym:
+            zero = torch.full_like(scale, (self.maxq + 1) // 2)
+        else:
+            zero = torch.round(-lo / scale).clamp(0, self.maxq)
+        return {"scale": scale, "zero": zero}
+
+    def quantize(self, w, params):
+        codes = (torch.round(w / params["scale"]) + params["zero"]).clamp(0, self.maxq)
+        return params["scale"] * (codes - params["zero"]), codes.to(self.code_dtype)
+
+
+def affine_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [out, in] = scale * (codes - zero), group-wise; bit-identical to ``UniformGrid.quantize``'s deq."""
+    out_f, in_f = codes.shape
+    ng = scale.shape[1]
+    g = group_size or in_f
+    c = F.pad(codes, (0, ng * g - in_f)) if ng * g != in_f else codes
+    w = c.reshape(out_f, ng, g).float().sub_(zero.float()[..., None]).mul_(scale.float()[..., None])
+    return w.view(out_f, ng * g)[:, :in_f]
+
+
+class UniformConfig(MethodConfig):
+    bits: int = Field(4, ge=2, le=8, description="bits per weight code")
+    group_size: Literal[0, 32, 64, 128] = Field(128, description="inputs per scale/zero group; 0 = one per row")
+    sym: bool = Field(False, description="symmetric grid (zero point fixed at 2^(bits-1)) instead of min/max")
+
+
+class GPTQConfig(UniformConfig):
+    percdamp: float = Field(0.01, gt=0, description="damping λ = percdamp * mean(diag H)")
+    block_size: int = Field(128, ge=1, description="columns per lazy-batch block")
+    act_order: bool = Field(True, description="quantize columns by descending Hessian diagonal")
+    static_groups: bool = Field(True, description="group parameters from the original weights, computed up front")
+    experts: Literal["routed", "pooled"] = Field(
+        "routed", description="routed: one Hessian per expert from its routed tokens; pooled: one per layer")
+    gate_weighted: bool = Field(False, description="weight each routed token by its gate probability")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.act_order and self.group_size and not self.static_groups:
+            raise ValueError("act_order with groups needs static_groups (no column permutation is stored)")
+        return self
+
+
+def _qtensor(r: GridResult, cfg: UniformConfig) -> QTensor:
+    return QTensor(tuple(r.codes.shape), {"codes": r.codes, "scale": r.params["scale"].half(),
+                                          "zero": r.params["zero"].to(torch.uint8)},
+                   {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym})
+
+
+def _split(r: GridResult, cfg: UniformConfig) -> list[QTensor]:
+    out = [_qtensor(GridResult(r.codes[e], {k: v[e] for k, v in r.params.items()}, r.deq[e]), cfg)
+           for e in range(r.codes.shape[0])]
+    if isinstance(r, GPTQResult):  # diagnostics for the manifest: damping used, GPTQ's proxy loss
+        for e, q in enumerate(out):
+            q.info = {"gptq_fallback": r.fallback[e], "gptq_loss": round(float(r.loss[e]), 6)}
+    return out
+
+
+class _UniformQuantizer(Quantizer):
+    codec = "affine-packed"
+
+    def _rtn(self, w: torch.Tensor, cfg: UniformConfig) -> GridResult:
+        return rtn(w.detach().float(), UniformGrid(cfg.bits, cfg.sym), cfg.group_size)
+
+    def quantize(self, w, cfg, stats, shared=None):
+        return _qtensor(self._rtn(w, cfg), cfg)
+
+    def quantize_experts(self, w, cfg, stats, shared=None):
+        return _split(self._rtn(w, cfg), cfg)
+
+    def dequantize(self, q: QTensor, shared: dict[str, SharedTable] | None = None) -> torch.Tensor:
+        t = q.tensors
+        return affine_dequantize(t["codes"], t["scale"], t["zero"], int(q.meta["group_size"]))
+
+
+@QUANTIZERS.register("rtn")
+class RTNQuantizer(_UniformQuantizer):
+    """Data-free round-to-nearest on the uniform grid."""
+
+    name = "rtn"
+    Config = UniformConfig
+
+
+def _calibrated(s: Stats | None) -> bool:
+    return s is not None and s.tokens > 0
+
+
+@QUANTIZERS.register("gptq")
+class GPTQQuantizer(_UniformQuantizer):
+    """GPTQ on the uniform grid. A weight without calibration tokens (an expert its router never chose) is
+    rounded to nearest (GPTQ with identity H): with H = 0 every input would count as dead and be zeroed."""
+
+    name = "gptq"
+    Config = GPTQConfig
+
+    def calibration(self, cfg: GPTQConfig) -> CalibSpec:
+        return CalibSpec(accumulators=[Hessian()], experts=cfg.experts, gate_weighted=cfg.gate_weighted)
+
+    def _gptq(self, w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> GridResult:
+        return gptq(w.detach().float(), h.float(), UniformGrid(cfg.bits, cfg.sym), group_size=cfg.group_size,
+                    block_size=cfg.block_size, percdamp=cfg.percdamp, act_order=cfg.act_order,
+                    static_groups=cfg.static_groups)
+
+    def quantize(self, w, cfg, stats, shared=None):
+        if not _calibrated(stats):
+            return super().quantize(w, cfg, stats)
+        return _split(self._gptq(w[None], stats.hessian, cfg), cfg)[0]
+
+    def quantize_experts(self, w, cfg, stats, shared=None):
+        """One batched GPTQ call per chunk of calibrated experts (one call for all when they share one pooled
+        Hessian), one batched RTN call for the rest."""
+        out: list[QTensor | None] = [None] * w.shape[0]
+        cold = [e for e, s in enumerate(stats) if not _calibrated(s)]
+        hot = [e for e, s in enumerate(stats) if _calibrated(s)]
+        if cold:
+            for e, q in zip(cold, super().quantize_experts(w[cold], cfg, [None] * len(cold))):
+                out[e] = q
+        pooled = len({id(stats[e].hessian) for e in hot}) == 1      # one Hessian shared by all (experts=pooled)
+        in_f = w.shape[-1]
+        step = len(hot) if pooled else max(1, BATCH_BYTES // (4 * in_f * in_f))
+        for i in range(0, len(hot), step):
+            idx = hot[i:i + step]
+            h = stats[idx[0]].hessian if pooled else torch.stack([stats[e].hessian for e in idx])
+            for e, q in zip(idx, _split(self._gptq(w[idx], h, cfg), cfg)):
+                out[e] = q
+        return out
