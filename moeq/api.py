@@ -2,12 +2,12 @@
 
 Where the work happens: the run (plan, layer-by-layer phases, resume, workers) in ``moeq.pipeline``, the manifest
 schema in ``moeq.formats.manifest``, runtime modules in ``moeq.runtime.build``, loading in ``moeq.runtime.load``,
-evaluation in ``moeq.eval.evaluate``, inspection in ``moeq.formats.inspect``."""
+evaluation in ``moeq.pipeline.evaluate`` (metrics in ``moeq.eval``), inspection in ``moeq.formats.inspect``."""
 
-from moeq.eval.evaluate import evaluate
 from moeq.formats.inspect import inspect
+from moeq.pipeline.evaluate import evaluate
 from moeq.pipeline.quantize import calibration_ids, quantize, quantize_model
-from moeq.pipeline.run import peak_rss_mb
+from moeq.progress import peak_rss_mb
 from moeq.runtime.load import is_artifact, load, load_any
 
 __all__ = ["quantize", "quantize_model", "calibration_ids", "load", "load_any", "is_artifact", "evaluate",

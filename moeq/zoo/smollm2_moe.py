@@ -64,13 +64,14 @@ def recipe() -> dict:
     }
 
 
-def ensure_built(dest: Path) -> Path:
-    """The cached upcycled model at ``dest``, building it first when it is missing, partial or stale."""
+def ensure_built(dest: Path, load_model) -> Path:
+    """The cached upcycled model at ``dest``, building it first when it is missing, partial or stale.
+    ``load_model(spec, dtype=...)`` is the loader's (it hands itself in: the zoo does not import the loader)."""
     dest = Path(dest)
     if cache_valid(dest):
         return dest
     print(f"moeq: building zoo model {NAME} from {SOURCE} into {dest} (once)", file=sys.stderr)
-    return build(dest)
+    return build(dest, load_model)
 
 
 def cache_valid(dest: Path) -> bool:
@@ -155,11 +156,10 @@ def upcycle(dense) -> "torch.nn.Module":
     return moe.eval()
 
 
-def build(dest: Path) -> Path:
+def build(dest: Path, load_model) -> Path:
     """Build into a temp directory next to ``dest`` and rename it into place. Raises ModelLoadError when the
     source model is unavailable."""
     from moeq.errors import ModelLoadError
-    from moeq.models.loader import load_model
 
     dest = Path(dest)
     dense, tok, _ = load_model(SOURCE, dtype=torch.float32)

@@ -6,8 +6,7 @@ import time
 from typing import Any
 
 from moeq.errors import MoeqError
-from moeq.pipeline.run import peak_rss_mb
-from moeq.progress import Reporter
+from moeq.progress import Reporter, peak_rss_mb
 from moeq.recipes import EvalSpec
 from moeq.runtime.load import load_any
 
