@@ -178,3 +178,9 @@ def test_dump_recipe_prints_the_resolved_rules():
                       "options": {"bits": 3}}]
     bad = CliRunner().invoke(app, ["quantize", "--method", "gptq", "-O", "bitz=3", "--dump-recipe"])
     assert bad.exit_code == 2 and "bitz" in bad.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_device_cuda_without_a_gpu_is_one_line_before_loading(tmp_path):
+    r = CliRunner().invoke(app, ["quantize", "--method", "gptq", "--device", "cuda", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "no CUDA device" in r.output and not (tmp_path / "o").exists()

@@ -47,14 +47,14 @@ class ArtifactWriter:
     (``done(label)``). ``run_key`` identifies the run (model + recipe); a different key refuses to mix.
     """
 
-    def __init__(self, out: str | os.PathLike, run_key: str = "", resume: bool = True, join: bool = False):
+    def __init__(self, out: str | os.PathLike, run_key: str = "", join: bool = False):
         """``join``: attach to the run another process (rank 0) created, never creating or deleting anything."""
         self.out = Path(out)
         check_output_free(self.out)
         self.tmp = self.out.with_name(f".{self.out.name}.moeq-tmp")
         self.records: dict[str, dict] = {}
         run = {"run_key": run_key}
-        if join or (self.tmp.exists() and resume and (self.tmp / "run.json").is_file()):
+        if join or (self.tmp.exists() and (self.tmp / "run.json").is_file()):
             prev = json.loads((self.tmp / "run.json").read_text())
             if prev.get("run_key") != run_key:
                 raise ArtifactError(f"{self.tmp} holds an unfinished run with a different model or recipe; refusing "
