@@ -167,3 +167,53 @@ def test_two_processes_write_the_same_artifact(published, clean_runs, tmp_path, 
     two = _quantize(published, tmp_path / "two", *MODES[mode], "--workers", "2")
     assert two.returncode == 0, two.stderr
     assert _digest(tmp_path / "two") == clean_runs[mode]
+
+
+def _rewrite(src, dst, drop: str):
+    """``src``'s checkpoint as one shard without the key ``drop`` (config and tokenizer copied)."""
+    import shutil
+
+    from safetensors import safe_open
+    dst.mkdir()
+    sd = {}
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            sd.update({k: h.get_tensor(k) for k in h.keys() if k != drop})
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.mark.parametrize("drop,message", [
+    ("model.layers.1.post_attention_layernorm.weight", "lacks model.layers.1.post_attention_layernorm.weight"),
+    ("model.layers.1.block_sparse_moe.experts.2.w3.weight", "3 tensors match"),
+])
+def test_checkpoint_lacking_a_tensor_fails_in_one_line(published, tmp_path, drop, message):
+    from moeq.errors import ModelLoadError
+    src = _rewrite(published, tmp_path / "ckpt", drop)
+    with pytest.raises(ModelLoadError) as err:
+        api.quantize(Recipe(model=str(src), method="int8", options={"mode": "weight_only"}), tmp_path / "o")
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_converter_chains_beyond_the_in_place_merge_run_transformers_ops(published):
+    """Expert merges followed by other operations stack each source in place, then run the rest of the chain with
+    transformers' own ``WeightConverter.convert``: the same tensors as the in-place merge."""
+    import copy
+
+    from transformers.core_model_loading import Concatenate, MergeModulelist, Transpose
+
+    from moeq.models.stream import CheckpointReader
+    reader = CheckpointReader(published)
+    for name, ops in (("model.layers.0.mlp.experts.gate_up_proj", [Concatenate(dim=1)]),
+                      ("model.layers.1.mlp.experts.down_proj", [])):
+        fast = reader.tensor(name)
+        src = reader.sources[name]
+        assert [type(op) for op in src.converter.operations] == [MergeModulelist] + [type(op) for op in ops]
+        conv = copy.deepcopy(src.converter)
+        conv.operations = [MergeModulelist(dim=0), *ops, Transpose(1, 2)]
+        src.converter = conv
+        assert torch.equal(reader.tensor(name), fast.transpose(1, 2)), name

@@ -114,8 +114,8 @@ def load_float_offloaded(path: Path, config, max_memory: int, dtype=torch.float3
     """A float safetensors checkpoint placed under ``max_memory``: built on the meta device, read group by group
     through the streaming reader (published per-expert layouts fused as transformers does), offloaded as above."""
     from moeq.models.stream import CheckpointReader, build_empty, materialize
-    reader = CheckpointReader(path)
     model = build_empty(config)
+    reader = CheckpointReader(path, model)
     sd = model.state_dict(keep_vars=True)
     elem = torch.finfo(dtype).bits // 8
     off = Offload(model, ((n.rpartition(".")[0], t.numel() * (elem if t.is_floating_point() else t.element_size()))

@@ -33,7 +33,7 @@ def quantize(recipe: Recipe, out: str | Path, reporter: Reporter = Reporter()) -
     if src.path is not None and src.gguf_file is None:
         config = load_config(src)
         model, tok = build_empty(config), load_tokenizer(src)
-        reader = CheckpointReader(src.path)
+        reader = CheckpointReader(src.path, model)  # checkpoint names through transformers' mapping for this model
         bound_heap()
     else:
         with reporter.task("load model", None):
