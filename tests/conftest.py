@@ -10,12 +10,16 @@ torch.set_num_threads(2)
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """CUDA tests skip without a device; ``slow`` tests (real models, full sweeps) run only with ``-m slow``."""
+    expr = config.getoption("markexpr") or ""
+    run_slow = "slow" in expr and "not slow" not in expr
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    not_now = pytest.mark.skip(reason="slow: run with -m slow")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(not_now)
 
 
 @pytest.fixture(scope="session")
