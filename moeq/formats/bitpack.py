@@ -64,12 +64,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, n = codes.shape
     g = -(-n // 8)
     planes = torch.nn.functional.pad(codes, (0, 8 * g - n)).view(rows, 8, g)
-    out = torch.zeros(rows, bits, g, dtype=torch.uint8, device=codes.device)
+    out = torch.zeros(bits, rows, g, dtype=torch.uint8, device=codes.device)  # byte planes first: contiguous ORs
     for j, s in enumerate(slots):
-        out[:, s.byte] |= planes[:, j] << s.shift          # low part; bits above 8 fall off (uint8)
+        out[s.byte] |= planes[:, j] << s.shift          # low part; bits above 8 fall off (uint8)
         if s.spill:
-            out[:, s.byte + 1] |= planes[:, j] >> (8 - s.shift)
-    return out.view(rows, bits * g)
+            out[s.byte + 1] |= planes[:, j] >> (8 - s.shift)
+    return out.transpose(0, 1).reshape(rows, bits * g)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
