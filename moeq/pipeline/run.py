@@ -279,9 +279,10 @@ class Run:
                     qs = a.quantizer.quantize_experts(self._place(w), a.cfg, st, tables)
                 else:
                     qs = [a.quantizer.quantize(self._place(target_weight(self.model, batch[0])), a.cfg, st[0], tables)]
-            for t, q, s in zip(batch, qs, st):
+            del st
+            for t, q in zip(batch, qs):
                 q = QTensor(q.shape, {k: v.cpu() for k, v in q.tensors.items()}, q.meta, q.shared, q.info)
-                modules[t] = self._write_entry(t, q, s, tables)
+                modules[t] = self._write_entry(t, q, stats.pop(t.name, None), tables)  # statistics freed as used
                 self.task.advance(1, layer=g.label)
         return modules
 

@@ -108,27 +108,39 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, to
     Returns U, the percdamp used per expert (NaN: identity) and the fallback label per expert."""
     e, n, _ = h.shape
     eye = torch.eye(n, dtype=h.dtype, device=h.device)
-    u = eye.expand(e, n, n).clone()
+    u = None  # allocated only when some expert needs another try (else the first factorization is U itself)
     used = torch.full((e,), float("nan"), dtype=h.dtype, device=h.device)
     labels = ["identity"] * e
     mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)
     todo = torch.arange(e, device=h.device)
     for step, mult in enumerate(DAMP_STEPS):
-        hd = h[todo].clone()
+        hd = h[todo] if todo.numel() < e else h.clone()
         hd.diagonal(dim1=-2, dim2=-1).add_((percdamp * mult * mean_diag[todo])[:, None])
         l, info = torch.linalg.cholesky_ex(hd)
+        del hd                                   # one [E, n, n] temporary at a time: Hessians are the big tensors
         ok = info == 0
-        hinv = torch.cholesky_inverse(torch.where(ok[:, None, None], l, eye))
+        l[~ok] = eye
+        hinv = torch.cholesky_inverse(l)
+        del l
         uu, info = torch.linalg.cholesky_ex(hinv, upper=True)
+        del hinv
         ok &= (info == 0) & uu.isfinite().all(-1).all(-1)
         done = todo[ok]
-        u[done] = uu[ok]
+        if u is None and bool(ok.all()) and todo.numel() == e:
+            u = uu
+        else:
+            if u is None:
+                u = eye.expand(e, n, n).clone()
+            u[done] = uu[ok]
+        del uu
         used[done] = percdamp * mult
         for i in done.tolist():
             labels[i] = "none" if step == 0 else "damp"
         todo = todo[~ok]
         if not todo.numel():
             break
+    if u is None:
+        u = eye.expand(e, n, n).clone()
     return u, used, tuple(labels)
 
 
@@ -172,6 +184,7 @@ def _gptq(w, h, grid, *, group_size, block_size, percdamp, act_order, static_gro
         h = h.gather(-2, perm[:, :, None].expand_as(h)).gather(-1, perm[:, None, :].expand_as(h))
         gidx = gidx.gather(-1, perm)
     u, used, labels = inverse_cholesky(h, percdamp)
+    del h, diag                                  # only U is needed from here
     if static:
         codes, deq, row_loss = _sweep_static(w, u, grid, params, gidx, block_size)
     else:

@@ -22,7 +22,8 @@ from moeq.quant.stats import Hessian
 from moeq.registry import QUANTIZERS
 
 FP16_MIN, FP16_MAX = 2.0 ** -24, 65504.0       # smallest subnormal / largest finite float16
-BATCH_BYTES = 1 << 28    # Hessian bytes per batched GPTQ call (experts are chunked to stay under it)
+BATCH_BYTES = 1 << 26    # Hessian bytes per batched GPTQ call (experts are chunked to stay under it; the call
+                         # holds about 3x that in factorization temporaries)
 
 
 @dataclass(frozen=True)
