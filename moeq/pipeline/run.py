@@ -275,8 +275,7 @@ class Run:
             st = [stats.get(t.name) for t in batch]
             with torch.no_grad():
                 if batch[0].expert is not None:
-                    w = torch.stack([target_weight(self.model, t) for t in batch])
-                    qs = a.quantizer.quantize_experts(self._place(w), a.cfg, st, tables)
+                    qs = a.quantizer.quantize_experts(self._place(expert_stack(self.model, batch)), a.cfg, st, tables)
                 else:
                     qs = [a.quantizer.quantize(self._place(target_weight(self.model, batch[0])), a.cfg, st[0], tables)]
             del st
@@ -307,6 +306,15 @@ class Run:
         self.writer.add_packed(t.name, codec.name, parts, info)
         bias = target_bias(self.model, t)
         return runtime_module(a.codec, q, bias, {n: tables[n] for n in q.shared}, a.method)
+
+
+def expert_stack(model, batch: list[Target]) -> torch.Tensor:
+    """[E, out, in] weights of the experts in ``batch`` (one fused parameter): a view of the parameter itself when
+    the batch is all of its experts in order (no copy of a layer's experts), else the selected slices."""
+    p = getattr(model.get_submodule(batch[0].module), batch[0].param)
+    idx = [t.expert for t in batch]
+    w = p if idx == list(range(p.shape[0])) else p[idx]
+    return w.transpose(1, 2) if batch[0].transposed else w
 
 
 def entry_info(t: Target, parts: dict[str, torch.Tensor], dtype, dtypes: dict) -> dict[str, Any]:

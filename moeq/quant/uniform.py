@@ -120,7 +120,8 @@ class _UniformQuantizer(Quantizer):
         return _qtensor(self._rtn(w, cfg), cfg)
 
     def quantize_experts(self, w, cfg, stats, shared=None):
-        return _split(self._rtn(w, cfg), cfg)
+        step = max(1, BATCH_BYTES // (4 * w.shape[-1] * w.shape[-2]))  # float copies of a few experts at a time
+        return [q for i in range(0, w.shape[0], step) for q in _split(self._rtn(w[i:i + step], cfg), cfg)]
 
     def dequantize(self, q: QTensor, shared: dict[str, SharedTable] | None = None) -> torch.Tensor:
         t = q.tensors
@@ -170,8 +171,9 @@ class GPTQQuantizer(_UniformQuantizer):
             for e, q in zip(cold, super().quantize_experts(w[cold], cfg, [None] * len(cold))):
                 out[e] = q
         pooled = len({id(stats[e].hessian) for e in hot}) == 1      # one Hessian shared by all (experts=pooled)
-        in_f = w.shape[-1]
-        step = len(hot) if pooled else max(1, BATCH_BYTES // (4 * in_f * in_f))
+        out_f, in_f = w.shape[-2:]
+        step = max(1, BATCH_BYTES // (4 * in_f * max(in_f, out_f)))  # Hessians and weight copies per call
+        step = len(hot) if pooled and step >= len(hot) else step
         for i in range(0, len(hot), step):
             idx = hot[i:i + step]
             h = stats[idx[0]].hessian if pooled else torch.stack([stats[e].hessian for e in idx])
