@@ -120,8 +120,10 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, to
         del hd                                   # one [E, n, n] temporary at a time: Hessians are the big tensors
         ok = info == 0
         l[~ok] = eye
-        hinv = torch.cholesky_inverse(l)
+        linv = torch.linalg.solve_triangular(l, eye.expand_as(l), upper=False)  # L^-1 (BLAS-3 TRSM)
         del l
+        hinv = linv.transpose(-1, -2) @ linv   # (L L^T)^-1 = L^-T L^-1 (torch.cholesky_inverse is ~10x slower here)
+        del linv
         uu, info = torch.linalg.cholesky_ex(hinv, upper=True)
         del hinv
         ok &= (info == 0) & uu.isfinite().all(-1).all(-1)
@@ -236,19 +238,25 @@ def _block(w, u, grid, i1, i2, params_of, codes, deq) -> torch.Tensor:
     error updates the rest of the block at once, the block's errors update every later column of ``w`` with one
     batched GEMM. ``params_of(i, w1)``: the grid parameters of block column i. Returns the block's proxy loss
     per row [E, out]."""
-    w1 = w[..., i1:i2].clone()
+    w1 = w[..., i1:i2].transpose(-1, -2).contiguous()   # [E, b, out]: column i is w1[:, i], contiguous
+    w1_cols = w1.transpose(-1, -2)                       # the same storage seen as [E, out, b] (for params_of)
     u1 = u[:, i1:i2, i1:i2]
     err1 = torch.empty_like(w1)
+    q1 = torch.empty_like(w1)
+    c1 = torch.empty(w1.shape, dtype=codes.dtype, device=w.device)
     for i in range(i2 - i1):
-        col = w1[..., i]
-        q, c = grid.quantize(col, params_of(i, w1))
-        deq[..., i1 + i], codes[..., i1 + i] = q, c
+        col = w1[:, i]
+        q, c = grid.quantize(col, params_of(i, w1_cols))
+        q1[:, i], c1[:, i] = q, c
         err = (col - q) / u1[:, i, i, None]
-        w1[..., i + 1:] -= err[..., None] * u1[:, None, i, i + 1:]
-        err1[..., i] = err
+        err1[:, i] = err
+        if i + 1 < i2 - i1:   # the rest of the block: w1[:, j] -= u1[i, j] * err, one contiguous rank-1 update
+            w1[:, i + 1:].baddbmm_(u1[:, i, i + 1:, None], err[:, None, :], alpha=-1)
+    deq[..., i1:i2] = q1.transpose(-1, -2)
+    codes[..., i1:i2] = c1.transpose(-1, -2)
     if i2 < w.shape[-1]:
-        w[..., i2:] -= err1 @ u[:, i1:i2, i2:]
-    return err1.square().sum(-1) / 2
+        w[..., i2:] -= err1.transpose(-1, -2) @ u[:, i1:i2, i2:]
+    return err1.square().sum(-2) / 2
 
 
 def _squeeze(r: GridResult) -> GridResult:
