@@ -33,16 +33,17 @@ from moeq.recipes import Recipe
 DEFAULT_CONFIGS = "4:128,4:64,3:64,4:0"
 
 
-def variants(configs: str, expert_variants: bool) -> list[tuple[str, str, dict]]:
+def variants(configs: str, expert_variants: bool, rtn: bool = True) -> list[tuple[str, str, dict]]:
     out = []
     for c in configs.split(","):
         bits, group = (int(x) for x in c.split(":"))
         base = {"bits": bits, "group_size": group}
-        out.append((f"W{bits} g{group or 'row'}", "rtn", base))
+        if rtn:
+            out.append((f"W{bits} g{group or 'row'}", "rtn", base))
         out.append((f"W{bits} g{group or 'row'}", "gptq", base))
         if expert_variants:
-            out.append((f"W{bits} g{group or 'row'}", "gptq", {**base, "gate_weighted": True}))
             out.append((f"W{bits} g{group or 'row'}", "gptq", {**base, "experts": "pooled"}))
+            out.append((f"W{bits} g{group or 'row'}", "gptq", {**base, "gate_weighted": True}))
     return out
 
 
@@ -51,6 +52,7 @@ def main():
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--expert-variants", action="store_true")
+    ap.add_argument("--no-rtn", action="store_true", help="skip the round-to-nearest rows")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=32)
@@ -65,7 +67,7 @@ def main():
     rows = [{"config": "float", "method": "-", "options": {}, "ppl": rb.ppl, "ratio": 1.0, "bits_per_param": 32.0,
              "seconds": 0.0}]
     calib = None
-    for label, method, opts in variants(a.configs, a.expert_variants):
+    for label, method, opts in variants(a.configs, a.expert_variants, not a.no_rtn):
         recipe = Recipe(model=a.model, method=method, options=opts,
                         calibration={"samples": a.calib_samples, "seqlen": a.seqlen})
         if calib is None and recipe.needs_calibration():
