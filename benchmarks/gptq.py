@@ -22,13 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from moeq import api
-from moeq.data.corpus import load_text
-from moeq.eval.perplexity import perplexity, tokenize_windows
-from moeq.models.loader import load_model
+from moeq.eval.perplexity import perplexity
 from moeq.recipes import Recipe
+from reference import float_reference
 
 DEFAULT_CONFIGS = "4:128,4:64,3:64,4:0"
 
@@ -58,12 +56,7 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    torch.set_num_threads(2)
-    base, tok, _ = load_model(a.model)
-    windows = tokenize_windows(tok, load_text("wiki", "eval"), a.seqlen, a.windows)
-    t = time.perf_counter()
-    rb = perplexity(base, windows)
-    print(f"{a.model} float: ppl {rb.ppl:.4f} ({rb.describe()}) {time.perf_counter() - t:.0f}s", flush=True)
+    base, tok, windows, rb = float_reference(a.model, a.seqlen, a.windows)
     rows = [{"config": "float", "method": "-", "options": {}, "ppl": rb.ppl, "ratio": 1.0, "bits_per_param": 32.0,
              "seconds": 0.0}]
     calib = None

@@ -20,10 +20,9 @@ import torch
 import yaml
 
 from moeq import api
-from moeq.data.corpus import load_text
-from moeq.eval.perplexity import perplexity, tokenize_windows
-from moeq.models.loader import load_model
+from moeq.eval.perplexity import perplexity
 from moeq.recipes import Recipe
+from reference import float_reference
 
 
 def parse_variant(s: str) -> dict:
@@ -45,12 +44,7 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    torch.set_num_threads(2)
-    base, tok, _ = load_model(a.model)
-    windows = tokenize_windows(tok, load_text("wiki", "eval"), a.seqlen, a.windows)
-    t = time.perf_counter()
-    rb = perplexity(base, windows)
-    print(f"float: ppl {rb.ppl:.4f} ({rb.describe()}) {time.perf_counter() - t:.0f}s", flush=True)
+    base, tok, windows, rb = float_reference(a.model, a.seqlen, a.windows)
     rows = [{"variant": "float", "ppl": rb.ppl, "ratio": 1.0, "kl": 0.0}]
     for v in a.variant or ["default"]:
         if v.startswith("bnb"):

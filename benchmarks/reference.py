@@ -1,0 +1,23 @@
+"""What the quality benchmarks share: the float model, the eval windows and its perplexity, measured first in the
+same run (protocol: gptq, first N windows of the embedded eval split; ../shared/anchors/PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from moeq.data.corpus import load_text
+from moeq.eval.perplexity import perplexity, tokenize_windows
+from moeq.models.loader import load_model
+
+
+def float_reference(model: str, seqlen: int, windows: int):
+    """(float model, tokenizer, eval windows, its PplResult), with the float perplexity printed."""
+    torch.set_num_threads(2)
+    base, tok, _ = load_model(model)
+    wins = tokenize_windows(tok, load_text("wiki", "eval"), seqlen, windows)
+    t = time.perf_counter()
+    rb = perplexity(base, wins)
+    print(f"{model} float: ppl {rb.ppl:.4f} ({rb.describe()}) {time.perf_counter() - t:.0f}s", flush=True)
+    return base, tok, wins, rb
