@@ -38,47 +38,16 @@ def quantize(
     import os
     import sys
 
-    import yaml
-    from pydantic import ValidationError
-
     from moeq import api
     from moeq.parallel import launch
     from moeq.progress import Reporter, RichReporter
     from moeq.recipes import Recipe, load_recipe
 
-    r = load_recipe(recipe) if recipe else Recipe()
-    if model is not None:
-        r.model = model
-    opts = {}
-    if threshold is not None:
-        opts["threshold"] = threshold
-    if weight_only:
-        opts["mode"] = "weight_only"
-    if smooth is not None:
-        opts["smooth_alpha"] = None if smooth < 0 else smooth
-    if act_group is not None:
-        opts["act_group"] = act_group
-    for kv in option or []:
-        if "=" not in kv:
-            raise MoeqError(f"--option {kv!r}: expected key=value")
-        k, v = kv.split("=", 1)
-        opts[k] = yaml.safe_load(v)
-    if r.rules and (method is not None or opts or lm_head):
-        raise MoeqError("the recipe has rules; --method, --option and the method flags build a one-rule recipe "
-                        "and cannot be combined with them (edit the rules instead)")
-    if not r.rules:
-        if method is not None:
-            r.method = method
-        r.options = {**r.options, **opts}
-        r.include_lm_head = r.include_lm_head or lm_head
-    for field, val in (("samples", calib_samples), ("seqlen", calib_seqlen), ("source", calib_data),
-                       ("device", device), ("max_stats_mb", max_stats_mb)):
-        if val is not None:
-            setattr(r.calibration, field, val)
-    try:
-        r = Recipe(**r.model_dump())  # re-validate the merged recipe
-    except ValidationError as e:
-        raise MoeqError(f"recipe: {e.errors()[0]['loc'][-1]}: {e.errors()[0]['msg']}") from None
+    r = build_recipe(load_recipe(recipe) if recipe else Recipe(), model, method, option, lm_head,
+                     {"threshold": threshold, "mode": "weight_only" if weight_only else None,
+                      "smooth_alpha": smooth if smooth is None or smooth >= 0 else _OFF, "act_group": act_group},
+                     {"samples": calib_samples, "seqlen": calib_seqlen, "source": calib_data, "device": device,
+                      "max_stats_mb": max_stats_mb})
     r.methods()                    # fail on bad methods and options before any loading
     if dump_recipe:
         sys.stdout.write(r.dump())
@@ -107,3 +76,38 @@ def quantize(
     t.add_row("time", f"{res['seconds']:.1f} s")
     console.print(t)
     write_json(json_out, res)
+
+
+_OFF = object()  # a flag that sets an option to null (--smooth -1)
+
+
+def build_recipe(r, model, method, option, lm_head, flags: dict, calibration: dict):
+    """The recipe the command line says: ``r`` (from --recipe, or empty) with the model, a one-rule method from
+    --method / -O / the method flags (``flags``: option -> value, None = not given), and calibration overrides."""
+    import yaml
+    from pydantic import ValidationError
+
+    from moeq.recipes import Recipe
+    if model is not None:
+        r.model = model
+    opts = {k: (None if v is _OFF else v) for k, v in flags.items() if v is not None}
+    for kv in option or []:
+        if "=" not in kv:
+            raise MoeqError(f"--option {kv!r}: expected key=value")
+        k, v = kv.split("=", 1)
+        opts[k] = yaml.safe_load(v)
+    if r.rules and (method is not None or opts or lm_head):
+        raise MoeqError("the recipe has rules; --method, --option and the method flags build a one-rule recipe "
+                        "and cannot be combined with them (edit the rules instead)")
+    if not r.rules:
+        if method is not None:
+            r.method = method
+        r.options = {**r.options, **opts}
+        r.include_lm_head = r.include_lm_head or lm_head
+    for field, val in calibration.items():
+        if val is not None:
+            setattr(r.calibration, field, val)
+    try:
+        return Recipe(**r.model_dump())  # re-validate the merged recipe
+    except ValidationError as e:
+        raise MoeqError(f"recipe: {e.errors()[0]['loc'][-1]}: {e.errors()[0]['msg']}") from None
