@@ -84,15 +84,13 @@ def role_of(name: str, fused: bool = False) -> str:
     return "dense_mlp"
 
 
-def find_targets(model: nn.Module, include_lm_head: bool = True) -> list[Target]:
+def find_targets(model: nn.Module) -> list[Target]:
     """Every 2-D weight a plan may select (routers and the output head included, with their roles)."""
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     out: list[Target] = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
-            if mod is lm_head and not include_lm_head:
-                continue
             role = "lm_head" if mod is lm_head else role_of(name)
             out.append(Target(f"{name}.weight", name, "weight", None, False,
                               "bias" if mod.bias is not None else None, (mod.out_features, mod.in_features), role))
