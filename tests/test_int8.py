@@ -101,3 +101,39 @@ def test_weight_only_bf16_kernel_matches_fallback():
     slow = m(x)
     torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)
     assert isinstance(m, Int8Linear) and m.weight.dtype == torch.int8
+
+
+def test_weight_only_kernel_gets_an_aligned_weight():
+    """Codes decoded from a shard are views at any byte offset; torch's int8 kernel crashes on a misaligned one."""
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(9)) * 0.02
+    q = Q.quantize(w, Q.Config(mode="weight_only"), None)
+    buf = torch.zeros(48 * 64 + 64, dtype=torch.int8)
+    start = next(o for o in range(1, 64) if (buf.data_ptr() + o) % 64)
+    view = buf[start:start + 48 * 64].view(48, 64)
+    view.copy_(q.tensors["qweight"])
+    q.tensors["qweight"] = view
+    m = Int8Linear(q, None)
+    assert m.qweight.data_ptr() % 64 == 0
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(m(x.bfloat16()).float(), x @ Q.dequantize(q).t(), rtol=3e-2, atol=3e-2)
+
+
+def test_routes_agree_across_batch_sizes_and_dtypes():
+    """weight-only: the packed kernel (small batches, any dtype) and the dense route (prefill) compute the same
+    product; w8a8 calibrated: no per-call outlier search, the static columns exact."""
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(11)) * 0.02
+    ref_wo = Int8Linear(Q.quantize(w, Q.Config(mode="weight_only"), None), None)
+    deq = Q.dequantize(Q.quantize(w, Q.Config(mode="weight_only"), None))
+    for m in (1, Int8Linear.small_batch, Int8Linear.small_batch + 1, 40):
+        x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m))
+        for dt, tol in ((torch.float32, 2e-2), (torch.bfloat16, 3e-2), (torch.float16, 3e-2)):
+            y = ref_wo(x.to(dt))
+            assert y.dtype == dt and y.shape == (m, 96)
+            torch.testing.assert_close(y.float(), x @ deq.t(), rtol=tol, atol=tol)
+    xc = _outlier_input(256, 128, seed=12)
+    calibrated = Int8Linear(Q.quantize(w, Q.Config(), _stats(xc, 6.0)), None)
+    assert not calibrated.dynamic and calibrated.outlier_idx is not None
+    x = _outlier_input(5, 128, seed=13)
+    y = calibrated(x)
+    assert sqnr_db(x @ w.t(), y) > 30
+    torch.testing.assert_close(calibrated(x.bfloat16()).float(), y, rtol=3e-2, atol=3e-2)

@@ -21,6 +21,8 @@ def evaluate(
     seqlen: Annotated[int, typer.Option(help="window length in tokens")] = 512,
     windows: Annotated[Optional[int], typer.Option(help="evaluate the first N windows [default: 64]")] = 64,
     batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
+    dtype: Annotated[str, typer.Option(help="compute dtype of the model and its baseline: auto (the checkpoint's; "
+                                            "bf16 where that is fp32 or unrecorded) | bf16 | fp16 | fp32")] = "auto",
     speed: Annotated[bool, typer.Option(help="measure prefill/decode tokens/s")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write results as JSON ('-' for stdout)")] = None,
     max_memory: Annotated[Optional[str], typer.Option(
@@ -41,15 +43,18 @@ def evaluate(
         raise MoeqError(f"eval options: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
     if protocol not in ("gptq", "llamacpp"):
         raise MoeqError(f"unknown protocol {protocol!r} (gptq | llamacpp)")
+    if dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise MoeqError(f"unknown dtype {dtype!r} (auto | bf16 | fp16 | fp32)")
     with RichReporter(err_console) as rep:
         res = api.evaluate(model, baseline, spec, speed=speed, reporter=rep, max_memory=parse_size(max_memory),
-                           use_baseline=not no_baseline)
+                           use_baseline=not no_baseline, dtype=dtype)
     t = Table(title=f"moeq eval: {model or 'tiny-moe'}  ({res['ppl']['describe']}, corpus {corpus})")
     t.add_column("metric")
     t.add_column("moeq", justify="right")
     t.add_column(f"baseline ({res['baseline']})" if res.get("baseline") else "baseline", justify="right")
     t.add_column("ratio", justify="right")
     b = res.get("baseline_ppl")
+    t.add_row("compute dtype", res["dtype"], res["dtype"] if b else "-", "")
     t.add_row("perplexity", f"{res['ppl']['value']:.4f}", f"{b:.4f}" if b else "-",
               f"{res['ppl_ratio']:.4f}" if b else "-")
     if res.get("kl_mean") is not None:

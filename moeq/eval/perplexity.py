@@ -46,35 +46,65 @@ def _scored_from(protocol: str, seqlen: int) -> int:
     return 0 if protocol == "gptq" else seqlen // 2 - 1
 
 
+LOGITS_BUDGET = 128 << 20   # bytes of float32 logits one forward may produce (windows per forward follow from it)
+SCORE_ROWS_BYTES = 32 << 20  # bytes of one float32 chunk of positions x vocabulary while scoring
+
+
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, protocol: str = "gptq", batch_size: int = 8,
                baseline=None, progress=None) -> PplResult:
     """Perplexity of ``model`` on pre-cut ``windows``; with ``baseline`` also the mean KL(baseline || model)
     of next-token distributions over the same scored positions.
 
-    ``progress``: optional callable(advance:int) called after each batch (the CLI passes a rich task).
+    Memory: ``batch_size`` windows is an upper bound; a forward takes as many windows as keep its logits under
+    ``LOGITS_BUDGET`` (one 512-token window of a 49k vocabulary is 100 MB in float32), and NLL/KL are scored in
+    chunks of positions, so no full-vocabulary float32 copy of a batch is ever made.
+
+    ``progress``: optional callable(advance:int) called after each forward (the CLI passes a rich task).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    start = _scored_from(protocol, windows.shape[1])
+    seqlen = windows.shape[1]
+    start = _scored_from(protocol, seqlen)
     nll, count, kl_sum, base_nll = 0.0, 0, 0.0, 0.0
-    for i in range(0, windows.shape[0], batch_size):
-        batch = windows[i:i + batch_size]
+    step, i = 1, 0  # the first forward takes one window and tells the vocabulary size
+    while i < windows.shape[0]:
+        batch = windows[i:i + step]
         logits = _logits(model, batch)[:, start:-1]
+        ref = None if baseline is None else _logits(baseline, batch)[:, start:-1]
         targets = batch[:, start + 1:]
-        logp = F.log_softmax(logits.float(), dim=-1)
-        nll += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
-        count += targets.numel()
-        if baseline is not None:
-            ref = F.log_softmax(_logits(baseline, batch)[:, start:-1].float(), dim=-1)
-            kl_sum += (ref.exp() * (ref - logp)).sum().item()
-            base_nll += -ref.gather(-1, targets.unsqueeze(-1)).sum().item()
+        vocab = logits.shape[-1]
+        s = _score(logits, targets, ref)
+        nll, count = nll + s[0], count + targets.numel()
+        kl_sum, base_nll = kl_sum + s[1], base_nll + s[2]
+        del logits, ref
+        i += batch.shape[0]
         if progress is not None:
             progress(batch.shape[0])
+        step = max(1, min(batch_size, LOGITS_BUDGET // (seqlen * vocab * 4)))
     return PplResult(ppl=math.exp(nll / count), tokens=count, windows=windows.shape[0],
-                     protocol=protocol, seqlen=windows.shape[1],
+                     protocol=protocol, seqlen=seqlen,
                      kl_mean=None if baseline is None else kl_sum / count,
                      extra={} if baseline is None else {"baseline_ppl": math.exp(base_nll / count)})
+
+
+def _score(logits: torch.Tensor, targets: torch.Tensor, ref: torch.Tensor | None) -> tuple[float, float, float]:
+    """(sum NLL of the model, sum KL(ref || model), sum NLL of the reference) over all positions, in float32
+    chunks of rows (positions) of at most ``SCORE_ROWS_BYTES``."""
+    vocab = logits.shape[-1]
+    logits, targets = logits.reshape(-1, vocab), targets.reshape(-1, 1)
+    ref = None if ref is None else ref.reshape(-1, vocab)
+    rows = max(1, SCORE_ROWS_BYTES // (vocab * 4))
+    nll = kl = base_nll = 0.0
+    for r in range(0, logits.shape[0], rows):
+        logp = F.log_softmax(logits[r:r + rows].float(), dim=-1)
+        t = targets[r:r + rows]
+        nll -= logp.gather(-1, t).sum().item()
+        if ref is not None:
+            lq = F.log_softmax(ref[r:r + rows].float(), dim=-1)
+            kl += F.kl_div(logp, lq, reduction="sum", log_target=True).item()
+            base_nll -= lq.gather(-1, t).sum().item()
+    return nll, kl, base_nll
 
 
 def _logits(model, batch: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from moeq.errors import MoeqError
 from moeq.progress import Reporter, peak_rss_mb
 from moeq.recipes import EvalSpec
@@ -12,16 +14,19 @@ from moeq.runtime.load import load_any
 
 
 def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = EvalSpec(), speed: bool = True,
-             reporter: Reporter = Reporter(), max_memory: int | None = None, use_baseline: bool = True) -> dict[str, Any]:
+             reporter: Reporter = Reporter(), max_memory: int | None = None, use_baseline: bool = True,
+             dtype: str | torch.dtype = "auto") -> dict[str, Any]:
     """Perplexity (+ mean KL and ppl ratio against ``baseline`` measured in the same run), speed, memory.
-    ``max_memory`` (bytes, per model): models larger than that are placed with accelerate and partly run from
-    disk (see ``load``)."""
+    ``dtype``: the compute dtype of ``target`` (``auto``: the checkpoint's, bfloat16 where that is float32); the
+    baseline computes in the same one. ``max_memory`` (bytes, per model): models larger than that are placed with
+    accelerate and partly run from disk (see ``load``)."""
     from moeq.data.corpus import load_text
     from moeq.eval.perplexity import perplexity, tokenize_windows
     from moeq.eval.speed import measure_speed
 
     t0 = time.perf_counter()
-    model, tok, manifest = load_any(target, reporter, max_memory)
+    model, tok, manifest = load_any(target, reporter, max_memory, dtype=dtype)
+    dtype = model.dtype
     load_s = time.perf_counter() - t0
     if tok is None:
         raise MoeqError(f"{target}: no tokenizer files; cannot evaluate text perplexity")
@@ -29,9 +34,10 @@ def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = E
         baseline = None
     elif baseline is None and manifest is not None:
         baseline = manifest.get("source", {}).get("model")
-    base = load_any(baseline, reporter, max_memory)[0] if baseline else None
+    base = load_any(baseline, reporter, max_memory, dtype=dtype)[0] if baseline else None
     windows = tokenize_windows(tok, load_text(spec.corpus, "eval"), spec.seqlen, spec.windows)
-    result: dict[str, Any] = {"model": target, "baseline": baseline, "corpus": spec.corpus, "load_seconds": round(load_s, 2)}
+    result: dict[str, Any] = {"model": target, "baseline": baseline, "corpus": spec.corpus,
+                              "dtype": str(dtype).removeprefix("torch."), "load_seconds": round(load_s, 2)}
     with reporter.task("perplexity" + (" + baseline, KL" if base is not None else ""), windows.shape[0]) as task:
         r = perplexity(model, windows, spec.protocol, spec.batch_size, baseline=base, progress=task.advance)
     result["ppl"] = {"value": r.ppl, "protocol": spec.protocol, "seqlen": spec.seqlen, "windows": r.windows,

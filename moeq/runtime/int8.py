@@ -1,14 +1,22 @@
 """Executing LLM.int8 packed weights.
 
-w8a8 forward for x [M, K] (all per-token scales are computed at run time):
-    xs = x / smooth                                  (calibrated smoothing, optional)
-    y  = x[:, O] @ W16[:, O].T                       (systematic outlier features: exact 16-bit columns)
-       + xs[:, D] @ deq(Q[:, D]).T                   (features over the threshold in THIS batch only)
-       + int8(xs, D and O zeroed) @ Q.T * sx * sw    (int8 GEMM, int32 accumulate)
-weight-only forward: y = x @ (Q * sw).T with ``torch._weight_int8pack_mm`` for bf16/fp16 CPU activations.
+w8a8 forward for x [M, K] (per-token scales computed at run time, in float32 whatever the activation dtype):
+    xs = x * c                                       c = 1/smooth with the static outlier columns O set to 0
+    y  = int8(xs) @ Q.T * amax(xs)/127 * sw          (int8 GEMM, int32 accumulate; ``torch._int_mm``)
+       + x[:, O] @ W16[:, O].T                       (systematic outlier features: exact 16-bit columns, one addmm)
+       + xs[:, D] @ deq(Q[:, D]).T                   (uncalibrated layers only: features over the threshold in THIS
+                                                      batch, zeroed in xs first; a data-dependent branch)
+A calibrated layer runs no per-call outlier search and no host synchronisation: ~10 kernels a call.
+
+weight-only forward: ``torch._weight_int8pack_mm`` (int8 weights x bf16/fp16 activations, per-row scales) up to
+``Int8Linear.small_batch`` tokens, float32 activations converted to bfloat16 once for it (torch's float32 variant
+of the kernel is ~20x slower than the bf16 one); above that (prefill) the codes are converted and one dense GEMM
+runs in the activation dtype (float32 for CPU float16, whose GEMMs are slow).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +37,14 @@ def int8_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return a.to(torch.int32) @ b_t.to(torch.int32)
 
 
+def aligned(t: torch.Tensor, to: int = 64) -> torch.Tensor:
+    """``t`` contiguous at a ``to``-byte aligned address (a copy only where needed). Codes decoded from a shard are
+    views at any byte offset, and ``torch._weight_int8pack_mm`` crashes (SIGSEGV, torch 2.13 CPU) on an int8
+    weight that is not 64-byte aligned."""
+    t = t.contiguous()
+    return t if t.data_ptr() % to == 0 else t.clone()
+
+
 def quantize_tokens(x: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8 (per group of ``group`` features when group > 0).
     Returns codes [M, K] int8 and scales [M, 1] (or [M, K // group, 1] for groups), fp32."""
@@ -42,6 +58,12 @@ def quantize_tokens(x: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torc
 
 @RUNTIMES.register("int8-rows")
 class Int8Linear(torch.nn.Module):
+    """One packed int8 weight. Per call it picks the fastest exact route for the batch (see the module docstring);
+    every per-call constant (smoothing with the static outlier columns zeroed, scales over 127, the outlier weight in
+    the compute dtype) is built once, so a decode step is a handful of kernels and no host synchronisation."""
+
+    small_batch: ClassVar[int] = 8   # weight-only: the packed kernel up to this many tokens, a dense GEMM above
+
     def __init__(self, q: QTensor, bias: torch.Tensor | None, shared: dict | None = None):
         super().__init__()
         t = q.tensors
@@ -49,17 +71,16 @@ class Int8Linear(torch.nn.Module):
         self.mode = q.meta.get("mode", "w8a8")
         self.threshold = float(q.meta.get("threshold", 0.0))
         self.act_group = int(q.meta.get("act_group", 0))
-        self.register_buffer("qweight", t["qweight"])
+        self.register_buffer("qweight", aligned(t["qweight"]))
         self.register_buffer("scale", t["scale"].float())
         self.register_buffer("inv_smooth", (1.0 / t["smooth"].float()) if "smooth" in t else None)
         self.register_buffer("outlier_idx", t["outlier_idx"].long() if "outlier_idx" in t else None)
         self.register_buffer("outlier_w", t.get("outlier_w"))
-        static = torch.zeros(self.in_features, dtype=torch.bool)
-        if self.outlier_idx is not None:
-            static[self.outlier_idx] = True
-        self.register_buffer("static_mask", static, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        # Calibration saw this layer's inputs (smoothing or systematic columns): its outliers are the static columns
+        # and no per-call search runs. Uncalibrated layers decompose features over the threshold in each batch.
+        self.dynamic = self.threshold > 0 and self.inv_smooth is None and self.outlier_idx is None
+        self._cache: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
     @property
     def weight(self) -> torch.Tensor:
@@ -75,51 +96,80 @@ class Int8Linear(torch.nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         y = self._weight_only(x2) if self.mode == "weight_only" else self._w8a8(x2)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """A small buffer (scales, 16-bit outlier columns) in the compute dtype, converted once: CPU GEMMs in
-        float16 are orders of magnitude slower than in float32/bfloat16."""
-        src = getattr(self, name)
-        t = self._cache.get((name, dtype))
-        if t is None or t.device != src.device:
-            t = self._cache[(name, dtype)] = src.to(dtype)
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / load_state_dict: the constants are rebuilt
+        self._cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _const(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A per-call constant, built once per (dtype, device) from the buffers (rebuilt if they move)."""
+        key = (name, dtype, device)
+        t = self._cache.get(key)
+        if t is None:
+            if name == "act_scale":  # what multiplies x before the int8 GEMM: 1/smooth, 0 on the static columns
+                t = torch.ones(self.in_features, device=device) if self.inv_smooth is None else self.inv_smooth.clone()
+                if self.outlier_idx is not None:
+                    t[self.outlier_idx] = 0.0
+            elif name == "scale_q":  # weight scale / 127: the dequantisation of int32 sums is (x absmax) * scale_q
+                t = self.scale / QMAX
+            elif name == "outlier_w_t":
+                t = self.outlier_w.t()
+            else:
+                t = getattr(self, name)
+            t = self._cache[key] = t.to(device=device, dtype=dtype).contiguous()
         return t
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= 16:
-            return torch._weight_int8pack_mm(x, self.qweight, self._as("scale", x.dtype))
-        return F.linear(x, self.qweight.to(x.dtype)) * self._as("scale", x.dtype)
+        dt = x.dtype
+        if x.device.type == "cpu" and x.shape[0] <= self.small_batch:
+            # torch's int8 x bf16/fp16 kernel; its float32 variant is ~20x slower, so float32 activations are
+            # converted once (bf16 keeps 8 bits of mantissa against the weight's 7)
+            kdt = dt if dt in (torch.bfloat16, torch.float16) else torch.bfloat16
+            y = torch._weight_int8pack_mm(x.to(kdt), self.qweight, self._const("scale", kdt, x.device)).to(dt)
+        else:
+            cdt = torch.float32 if dt == torch.float16 and x.device.type == "cpu" else dt  # CPU fp16 GEMMs are slow
+            y = F.linear(x.to(cdt), self.qweight.to(cdt)) * self._const("scale", cdt, x.device)
+            y = y.to(dt)
+        return y if self.bias is None else y + self._const("bias", dt, x.device)
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
-        xs = x.float() * self.inv_smooth if self.inv_smooth is not None else x.float()
-        y = None
-        if self.outlier_idx is not None:
-            y = F.linear(x[:, self.outlier_idx].float(), self._as("outlier_w", torch.float32))
-            if self.inv_smooth is None:
-                xs = xs.clone()
-            xs[:, self.outlier_idx] = 0.0
-        if self.threshold > 0:
-            dyn = (x.abs() >= self.threshold).any(dim=0)
-            if self.outlier_idx is not None:
-                dyn &= ~self.static_mask
-            if dyn.any():
-                d = dyn.nonzero().flatten()
-                wd = self.qweight[:, d].float() * self.scale[:, None]
-                yd = xs[:, d] @ wd.t()
-                y = yd if y is None else y + yd
-                if xs is x or (self.inv_smooth is None and self.outlier_idx is None):
-                    xs = xs.clone()
-                xs[:, d] = 0.0
+        dev = x.device
+        xs = x * self._const("act_scale", torch.float32, dev)  # fp32; the static outlier columns are zero
+        y_fp = None
+        if self.dynamic:
+            xs, y_fp = self._take_dynamic_outliers(x, xs)
         if self.act_group:
-            y8 = self._grouped_int8(xs)
+            y = self._grouped_int8(xs)
         else:
-            codes, sx = quantize_tokens(xs)
-            y8 = int8_mm(codes, self.qweight.t()).float() * sx * self.scale
-        y = y8 if y is None else y8 + y
+            amax = torch.linalg.vector_norm(xs, ord=float("inf"), dim=-1, keepdim=True).clamp_(min=1e-8)
+            codes = (xs * (QMAX / amax)).round_().to(torch.int8)
+            y = int8_mm(codes, self.qweight.t()) * (amax * self._const("scale_q", torch.float32, dev))
+        if self.outlier_idx is not None:  # exact 16-bit columns for the systematic outlier features
+            xo = x.index_select(1, self.outlier_idx).float()
+            y = torch.addmm(y, xo, self._const("outlier_w_t", torch.float32, dev))
+        if y_fp is not None:
+            y = y + y_fp
+        if self.bias is not None:
+            y = y + self._const("bias", torch.float32, dev)
         return y.to(x.dtype)
+
+    def _take_dynamic_outliers(self, x: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features over the threshold in THIS batch leave the int8 GEMM and run in float32 (LLM.int8's
+        decomposition; a data-dependent branch, so only for layers calibration did not see)."""
+        dyn = (x.abs() >= self.threshold).any(dim=0)
+        if not dyn.any():
+            return xs, None
+        d = dyn.nonzero().flatten()
+        wd = self.qweight[:, d].float() * self.scale[:, None]
+        y = xs[:, d] @ wd.t()
+        xs = xs.clone()
+        xs[:, d] = 0.0
+        return xs, y
 
     def _grouped_int8(self, xs: torch.Tensor) -> torch.Tensor:
         g = self.act_group

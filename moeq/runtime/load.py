@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from moeq.errors import ArtifactError
+from moeq.errors import ArtifactError, MoeqError
 from moeq.formats.container import ArtifactReader
 from moeq.formats.manifest import MANIFEST
 from moeq.models.adapter import install_packed
@@ -23,10 +23,39 @@ def is_artifact(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype | None = torch.float32,
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def recorded_dtype(config) -> torch.dtype | None:
+    """The dtype a checkpoint records (transformers' ``dtype``, formerly ``torch_dtype``), from a config object
+    or its dict; None when absent or not a floating-point dtype."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    d = get("dtype") or get("torch_dtype")
+    if isinstance(d, str):
+        d = DTYPES.get(d.removeprefix("torch."))
+    return d if isinstance(d, torch.dtype) and d.is_floating_point else None
+
+
+def compute_dtype(dtype: str | torch.dtype | None, recorded: torch.dtype | None = None) -> torch.dtype | None:
+    """The compute dtype a request names: ``auto`` = the checkpoint's recorded dtype, bfloat16 where that is
+    float32 or unrecorded (the 16-bit kernels are the fast ones); ``bf16``/``fp16``/``fp32``; a torch dtype; None
+    keeps every tensor's stored dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return recorded if recorded in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if dtype not in DTYPES:
+        raise MoeqError(f"unknown dtype {dtype!r} (auto | bf16 | fp16 | fp32)")
+    return DTYPES[dtype]
+
+
+def load(path: str | Path, reporter: Reporter = Reporter(), dtype: str | torch.dtype | None = torch.float32,
          max_memory: int | None = None, offload_dir: str | Path | None = None):
-    """Load a packed artifact: (model executing packed weights, tokenizer, ArtifactReader). Kept floating-point
-    tensors (embeddings, norms, routers) are cast to ``dtype`` (the compute dtype; None keeps the stored one).
+    """Load a packed artifact: (model executing packed weights, tokenizer, ArtifactReader). ``dtype`` is the
+    compute dtype (see ``compute_dtype``; ``"auto"`` reads the artifact's config): kept floating-point tensors
+    (embeddings, norms, routers) are stored in it, so activations and the packed kernels run in it; None keeps the
+    stored dtypes.
 
     ``max_memory`` (bytes) places the model with accelerate for artifacts larger than memory: embeddings, head and
     the first decoder layers that fit stay in RAM, the rest is decoded once, one layer at a time, into
@@ -48,6 +77,7 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype |
     if qc.get("quant_method") != "moeq":
         raise ArtifactError(f"{path}: config.json has no moeq quantization_config")
     model_type = cfg.pop("model_type", None)
+    dtype = compute_dtype(dtype, recorded_dtype(cfg))
     try:
         config = AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as e:
@@ -61,8 +91,8 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype |
             kept = [n for n, e in reader.kept.items() if e["shard"] == shard]
             for name in kept:
                 t = reader.read_kept(name)
-                set_module_tensor_to_device(model, name, "cpu",
-                                            value=t.to(dtype) if dtype and t.is_floating_point() else t)
+                t = t.to(dtype) if dtype and t.is_floating_point() else t
+                set_module_tensor_to_device(model, name, "cpu", value=t, dtype=t.dtype)  # no cast back to the skeleton's
             modules = packed_modules(reader, shard=shard)
             try:
                 install_packed(model, modules)
@@ -81,6 +111,8 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: torch.dtype |
         raise ArtifactError(f"{path}: artifact lacks {len(missing)} tensors, e.g. {missing[0]}")
     if off is not None:
         off.dispatch()
+    if dtype is not None:
+        model.config.dtype = dtype  # what generate() and the KV cache read
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(path)) if (Path(path) / "tokenizer_config.json").is_file() else None
     return model, tok, reader
@@ -96,13 +128,17 @@ def _artifact_sizes(reader: ArtifactReader, dtype):
         yield name.rpartition(".")[0], int(e["bytes"] * scale)
 
 
-def load_any(spec: str | None, reporter: Reporter = Reporter(), max_memory: int | None = None):
-    """An artifact directory or any model spec the loader understands: (model, tokenizer, manifest|None).
-    ``max_memory`` (bytes): place it with accelerate, offloading to disk what does not fit."""
+def load_any(spec: str | None, reporter: Reporter = Reporter(), max_memory: int | None = None,
+             dtype: str | torch.dtype | None = torch.float32):
+    """An artifact directory or any model spec the loader understands: (model, tokenizer, manifest|None), computing
+    in ``dtype`` (see ``compute_dtype``; the model's dtype is ``model.dtype``). ``max_memory`` (bytes): place it
+    with accelerate, offloading to disk what does not fit."""
     if spec is not None and is_artifact(spec):
-        model, tok, reader = load(spec, reporter, max_memory=max_memory)
+        model, tok, reader = load(spec, reporter, dtype=dtype, max_memory=max_memory)
         return model, tok, reader.manifest
-    from moeq.models.loader import load_model
+    from moeq.models.loader import load_config, load_model, resolve
+    if dtype == "auto":
+        dtype = compute_dtype(dtype, recorded_dtype(load_config(resolve(spec))))
     with reporter.task(f"load {spec or 'default model'}", None):
-        model, tok, _ = load_model(spec, max_memory=max_memory)
+        model, tok, _ = load_model(spec, dtype=compute_dtype(dtype), max_memory=max_memory)
     return model, tok, None
