@@ -137,3 +137,15 @@ def test_routes_agree_across_batch_sizes_and_dtypes():
     y = calibrated(x)
     assert sqnr_db(x @ w.t(), y) > 30
     torch.testing.assert_close(calibrated(x.bfloat16()).float(), y, rtol=3e-2, atol=3e-2)
+
+
+def test_w8a8_matvec_route_equals_the_int8_gemm(monkeypatch):
+    """At one token the int8 product runs on torch's int8-weight matvec; it must equal the int32 GEMM up to one
+    bf16 rounding of each sum."""
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(14)) * 0.02
+    m = Int8Linear(Q.quantize(w, Q.Config(), _stats(_outlier_input(256, 128, seed=15), 6.0)), None)
+    x = _outlier_input(1, 128, seed=16)
+    fast = m(x)
+    monkeypatch.setattr(Int8Linear, "matvec_rows", 0)
+    exact = m(x)
+    torch.testing.assert_close(fast, exact, rtol=1e-2, atol=1e-2 * exact.abs().max().item())

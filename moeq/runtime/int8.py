@@ -2,14 +2,16 @@
 
 w8a8 forward for x [M, K] (per-token scales computed at run time, in float32 whatever the activation dtype):
     xs = x * c                                       c = 1/smooth with the static outlier columns O set to 0
-    y  = int8(xs) @ Q.T * amax(xs)/127 * sw          (int8 GEMM, int32 accumulate; ``torch._int_mm``)
+    y  = int8(xs) @ Q.T * amax(xs)/127 * sw          (int8 GEMM, int32 accumulate, ``torch._int_mm``; at one or
+                                                      two tokens on CPU torch's int8-weight matvec on the integer
+                                                      codes held in bf16, sums rounded once to bf16: ~1.5x faster)
        + x[:, O] @ W16[:, O].T                       (systematic outlier features: exact 16-bit columns, one addmm)
        + xs[:, D] @ deq(Q[:, D]).T                   (uncalibrated layers only: features over the threshold in THIS
                                                       batch, zeroed in xs first; a data-dependent branch)
 A calibrated layer runs no per-call outlier search and no host synchronisation: ~10 kernels a call.
 
 weight-only forward: ``torch._weight_int8pack_mm`` (int8 weights x bf16/fp16 activations, per-row scales) up to
-``Int8Linear.small_batch`` tokens, float32 activations converted to bfloat16 once for it (torch's float32 variant
+``Int8Linear.small_batch`` tokens (more for large weights), float32 activations converted to bfloat16 once for it (torch's float32 variant
 of the kernel is ~20x slower than the bf16 one); above that (prefill) the codes are converted and one dense GEMM
 runs in the activation dtype (float32 for CPU float16, whose GEMMs are slow).
 """
@@ -62,7 +64,11 @@ class Int8Linear(torch.nn.Module):
     every per-call constant (smoothing with the static outlier columns zeroed, scales over 127, the outlier weight in
     the compute dtype) is built once, so a decode step is a handful of kernels and no host synchronisation."""
 
-    small_batch: ClassVar[int] = 8   # weight-only: the packed kernel up to this many tokens, a dense GEMM above
+    # Routes by batch size, measured on a 2-core AVX-512 CPU (torch 2.13): torch's int8-weight matvec costs about
+    # one matvec per row of x, while converting the codes for a dense GEMM costs ~1 ns a weight; the int8 GEMM is
+    # flat in M up to a few rows but loses to the matvec at one or two.
+    small_batch: ClassVar[int] = 8     # weight-only: the int8-weight kernel up to max(this, weights / 2^19) rows
+    matvec_rows: ClassVar[int] = 2     # w8a8: the int8-weight kernel on integer codes up to this many rows
 
     def __init__(self, q: QTensor, bias: torch.Tensor | None, shared: dict | None = None):
         super().__init__()
@@ -117,6 +123,8 @@ class Int8Linear(torch.nn.Module):
                     t[self.outlier_idx] = 0.0
             elif name == "scale_q":  # weight scale / 127: the dequantisation of int32 sums is (x absmax) * scale_q
                 t = self.scale / QMAX
+            elif name == "ones":
+                t = torch.ones(self.out_features)
             elif name == "outlier_w_t":
                 t = self.outlier_w.t()
             else:
@@ -126,7 +134,7 @@ class Int8Linear(torch.nn.Module):
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
-        if x.device.type == "cpu" and x.shape[0] <= self.small_batch:
+        if x.device.type == "cpu" and x.shape[0] <= max(self.small_batch, self.qweight.numel() >> 19):
             # torch's int8 x bf16/fp16 kernel; its float32 variant is ~20x slower, so float32 activations are
             # converted once (bf16 keeps 8 bits of mantissa against the weight's 7)
             kdt = dt if dt in (torch.bfloat16, torch.float16) else torch.bfloat16
@@ -147,8 +155,15 @@ class Int8Linear(torch.nn.Module):
             y = self._grouped_int8(xs)
         else:
             amax = torch.linalg.vector_norm(xs, ord=float("inf"), dim=-1, keepdim=True).clamp_(min=1e-8)
-            codes = (xs * (QMAX / amax)).round_().to(torch.int8)
-            y = int8_mm(codes, self.qweight.t()) * (amax * self._const("scale_q", torch.float32, dev))
+            codes = (xs * (QMAX / amax)).round_()
+            if dev.type == "cpu" and x.shape[0] <= self.matvec_rows:
+                # integer codes are exact in bf16; torch's int8-weight matvec sums them in float32 (exact below
+                # 2^24) and rounds each sum to bf16 once: ~1.5x faster than the int8 GEMM at one token
+                acc = torch._weight_int8pack_mm(codes.to(torch.bfloat16), self.qweight,
+                                                self._const("ones", torch.bfloat16, dev))
+            else:
+                acc = int8_mm(codes.to(torch.int8), self.qweight.t())
+            y = acc * (amax * self._const("scale_q", torch.float32, dev))
         if self.outlier_idx is not None:  # exact 16-bit columns for the systematic outlier features
             xo = x.index_select(1, self.outlier_idx).float()
             y = torch.addmm(y, xo, self._const("outlier_w_t", torch.float32, dev))
