@@ -154,7 +154,7 @@ class Int8Linear(torch.nn.Module):
         if self.act_group:
             y = self._grouped_int8(xs)
         else:
-            amax = torch.linalg.vector_norm(xs, ord=float("inf"), dim=-1, keepdim=True).clamp_(min=1e-8)
+            amax = xs.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8)  # (linalg.vector_norm inf: 24x slower)
             codes = (xs * (QMAX / amax)).round_()
             if dev.type == "cpu" and x.shape[0] <= self.matvec_rows:
                 # integer codes are exact in bf16; torch's int8-weight matvec sums them in float32 (exact below
