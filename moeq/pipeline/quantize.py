@@ -14,7 +14,7 @@ from moeq.formats.container import ArtifactWriter, check_output_free
 from moeq.formats.manifest import totals
 from moeq.models.adapter import find_targets
 from moeq.pipeline.plan import Plan
-from moeq.pipeline.run import Run, run_key
+from moeq.pipeline.run import Run, layer_inputs, run_key
 from moeq.progress import Reporter
 from moeq.recipes import Recipe
 
@@ -125,6 +125,7 @@ def build_manifest(plan: Plan, source, writer: ArtifactWriter, calib_ids) -> dic
         "source": {"model": source},
         "recipe": recipe.model_dump(exclude={"method", "options", "include_lm_head"}),
         "calibration": None if calib_ids is None else {**recipe.calibration.model_dump(),
-                                                       "tokens": int(calib_ids.numel()), "split": "calib"},
+                                                       "tokens": int(calib_ids.numel()), "split": "calib",
+                                                       "layer_inputs": layer_inputs(plan)},
         "totals": totals(writer.entries, writer.kept, writer.shared),
     }

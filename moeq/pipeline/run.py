@@ -6,6 +6,13 @@ memory cap; one forward of the layer's calibration inputs per chunk) -> ``fit`` 
 + write -> ``advance`` (install the packed modules and push the calibration inputs through the quantized layer,
 so the next layer is calibrated on what the quantized model produces) -> release.
 
+Which inputs a layer is calibrated on follows what its statistics need (``sequential``, from each accumulator's
+declaration): statistics that compensate the earlier layers' error (GPTQ's Hessians) see the quantized layers'
+outputs, as above; when every statistic of the run only locates ranges and outliers (int8's absmax and hits,
+which SmoothQuant also takes from the float model) they are gathered on the float model's activations, and the
+one float forward per layer that feeds them also makes the next layer's inputs (no second pass through the
+packed weights).
+
 Resume: every finished group is a checksummed record in ``.<out>.moeq-tmp`` and is skipped on the next run.
 Workers: data-free runs split whole layers; calibrated runs split each layer's weights (rank 0 runs the
 forwards and broadcasts the statistics, then merges the parts) so the artifact is what one process writes.
@@ -13,10 +20,12 @@ forwards and broadcasts the statistics, then merges the parts) so the artifact i
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import signal
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +38,7 @@ from moeq.models.layers import capture_layer_inputs, decoder_layers, layer_of, r
 from moeq.parallel import Dist
 from moeq.progress import peak_rss_mb
 from moeq.pipeline.plan import Plan
-from moeq.quant.base import QTensor, Quantizer, SharedTable, Stats
+from moeq.quant.base import CalibSpec, QTensor, Quantizer, SharedTable, Stats
 from moeq.registry import CODECS
 from moeq.runtime.build import packed_modules, runtime_module
 
@@ -70,15 +79,29 @@ def plan_groups(model, targets: list[Target]) -> tuple[list[Group], tuple[str, A
     return groups, layers
 
 
+def sequential(plan: Plan) -> bool:
+    """Whether the calibrated layers see the quantized layers' outputs: when some accumulator of a calibrated
+    method needs them (``Accumulator.sequential``); else the float model's activations (see the module docstring)."""
+    return any(acc.sequential for a in plan.assignments if a.calibrated
+               for acc in a.quantizer.calibration(a.cfg).accumulators)
+
+
 def run_key(plan: Plan, source: str | None, calib_ids: torch.Tensor | None) -> str:
-    """Identifies a run (model, resolved recipe, targets, calibration tokens): resuming another run is refused."""
+    """Identifies a run (model, resolved recipe, targets, calibration tokens and the inputs they are gathered on):
+    resuming another run is refused."""
     h = hashlib.sha256(json.dumps({"recipe": plan.recipe.model_dump(), "source": source,
                                    "options": [a.options() for a in plan.assignments],
                                    "targets": [(t.name, t.shape, plan[t].rule) for t in plan.targets]},
                                   sort_keys=True).encode())
     if calib_ids is not None:
         h.update(calib_ids.numpy().tobytes())
+        h.update(layer_inputs(plan).encode())
     return h.hexdigest()
+
+
+def layer_inputs(plan: Plan) -> str:
+    """What the manifest says the calibrated layers saw."""
+    return "quantized layers" if sequential(plan) else "float layers"
 
 
 def chunks(targets: list[Target], plan: Plan, cap_bytes: int) -> list[list[Target]]:
@@ -106,8 +129,10 @@ class Run:
         self.calib = plan.recipe.calibration
         self.device = self.calib.device
         self.groups, self.layers = plan_groups(model, plan.targets)
+        self.sequential = sequential(plan)
         self.target_params = {t.name if t.expert is None else f"{t.module}.{t.param}" for t in plan.targets}
-        self.inputs = None
+        self.inputs = None      # calibration inputs of the current decoder layer
+        self.next_inputs = None  # of the next one, from the float forward (non-sequential runs)
         self.task = None
         self.dtypes = reader.dtypes if reader is not None else {}
         self.fallbacks: list[str] = []
@@ -117,10 +142,15 @@ class Run:
         return self.calib_ids is not None
 
     def execute(self) -> None:
-        with self.reporter.task(f"quantize ({self.plan.recipe.method_label()})", len(self.plan.targets)) as task:
-            self.task = task
-            for g in self.groups:
-                self.process(g)
+        gc.freeze()  # what is alive now (modules, imports) is never garbage: the collection after each layer skips it
+        try:
+            with self.reporter.task(f"quantize ({self.plan.recipe.method_label()})", len(self.plan.targets)) as task:
+                self.task = task
+                for g in self.groups:
+                    self.process(g)
+            self.writer.flush()  # the last group on disk before the ranks meet and rank 0 commits
+        finally:
+            gc.unfreeze()
 
     # -- reading and releasing -------------------------------------------------------------------------------
     def materialize(self, g: Group) -> None:
@@ -169,6 +199,7 @@ class Run:
                 if dist.main:
                     self._write_kept(g)
                 self._quantize_group(g, layer, mine)
+            writer.flush()  # every part on disk before rank 0 merges them
             dist.barrier()
             if dist.main:
                 writer.merge_parts(g.label, [f"{g.label}.part{r}" for r in range(dist.world)])
@@ -181,7 +212,7 @@ class Run:
         self.task.advance(0, layer=g.label, read=fmt_bytes(getattr(self.reader, "bytes_read", 0)),
                           written=fmt_bytes(writer.bytes_written), rss=f"{peak_rss_mb():.0f} MB")
         if dist.main:
-            crash_point(len(writer.records))
+            crash_point(writer)
 
     def _base(self, g: Group) -> None:
         dist, writer = self.dist, self.writer
@@ -200,27 +231,47 @@ class Run:
         write_kept(self.model, [n for n in g.tensors if n not in self.target_params], self.writer, self.dtypes)
 
     def _advance(self, g: Group, layer, modules, fresh: bool) -> None:
-        """Run the packed weights from here on: in memory (the caller keeps the packed model), and for calibrated
-        runs to produce the next layer's inputs from this quantized layer."""
+        """Run the packed weights from here on: in memory (the caller keeps the packed model), and for sequential
+        calibrated runs to produce the next layer's inputs from this quantized layer (non-sequential runs took
+        them from the float forward)."""
         dist = self.dist
-        needs_packed = (self.reader is None and dist.world == 1) or (dist.main and self.calibrated and layer is not None)
-        if not needs_packed:
-            return
-        if modules is None or not fresh:
-            group = self.writer.read_group(g.label)
-            modules = packed_modules(group)
-            group.close()
-        install_packed(self.model, modules)
-        if layer is not None and self.calibrated:
-            nxt = run_layer(layer.to(self.device), self.inputs, device=self.device)
-            layer.to("cpu")
+        feeds = layer is not None and self.calibrated and dist.main  # the next layer's calibration inputs
+        last = feeds and g.index == len(self.layers[1]) - 1        # ... none after the last layer
+        if feeds and not last and not self.sequential and self.next_inputs is None:
+            # resumed (or no calibrated target): the same forward as an uninterrupted run's gives the same inputs
+            specs = next((s for c in self._chunks(g) if (s := self._specs(c))), None)
+            if specs:
+                self._observe(g, layer, specs)
+            else:
+                self.next_inputs = self._forward(g, layer, collect=True)
+        needs_packed = (self.reader is None and dist.world == 1) or (feeds and not last and self.sequential)
+        if needs_packed:
+            if modules is None or not fresh:
+                group = self.writer.read_group(g.label)
+                modules = packed_modules(group)
+                group.close()
+            install_packed(self.model, modules)
+        if feeds:
+            nxt, self.next_inputs = self.next_inputs, None
+            if not last and self.sequential:
+                nxt = self._forward(g, layer, collect=True)
             self.inputs.close()
             self.inputs = nxt
 
+    def _forward(self, g: Group, layer, collect: bool, col: Collector | None = None):
+        """One pass of the calibration inputs through ``layer`` (feeding ``col``); its outputs with ``collect``."""
+        with observing(layer.to(self.device), col, prefix=g.prefix) if col is not None else nullcontext():
+            out = run_layer(layer, self.inputs, collect=collect, device=self.device)
+        layer.to("cpu")
+        return out
+
     # -- calibrate, fit, quantize ------------------------------------------------------------------------------
+    def _chunks(self, g: Group) -> list[list[Target]]:
+        return chunks(g.targets, self.plan, self.calib.max_stats_mb * 2**20)
+
     def _quantize_group(self, g: Group, layer, mine: set[Target]) -> dict[Target, torch.nn.Module]:
         modules: dict[Target, torch.nn.Module] = {}
-        for chunk in chunks(g.targets, self.plan, self.calib.max_stats_mb * 2**20):
+        for chunk in self._chunks(g):
             stats = self._calibrate(g, layer, chunk)
             tables = self._fit(g, chunk, stats)
             if self.dist.main:
@@ -232,24 +283,31 @@ class Run:
     def _calibrate(self, g: Group, layer, chunk: list[Target]) -> dict[str, Stats | None]:
         """Statistics of the chunk's calibrated targets from one forward of the calibration inputs (rank 0's,
         broadcast to the others)."""
-        if not self.calibrated:
-            return {}
-        specs = {t: self.plan[t].quantizer.calibration(self.plan[t].cfg) for t in chunk if self.plan[t].calibrated}
+        specs = self._specs(chunk)
         if not specs:
             return {}
-        stats = None
-        if self.dist.main:
-            col = Collector(specs, self.device)
-            if layer is not None:
-                with observing(layer.to(self.device), col, prefix=g.prefix):
-                    run_layer(layer, self.inputs, collect=False, device=self.device)
-                layer.to("cpu")
-            else:
-                with observing(self.model, col):
-                    for b in self.calib_ids.split(8):
-                        self.model(input_ids=b, decoder_input_ids=b if self.model.config.is_encoder_decoder else None)
-            stats = col.finalize()
-        return self.dist.broadcast(stats)
+        return self.dist.broadcast(self._observe(g, layer, specs) if self.dist.main else None)
+
+    def _specs(self, chunk: list[Target]) -> dict[Target, CalibSpec]:
+        if not self.calibrated:
+            return {}
+        return {t: self.plan[t].quantizer.calibration(self.plan[t].cfg) for t in chunk if self.plan[t].calibrated}
+
+    def _observe(self, g: Group, layer, specs: dict[Target, CalibSpec]) -> dict[str, Stats | None]:
+        """One forward of the calibration inputs feeding ``specs``' accumulators. In non-sequential runs the first
+        such forward of a layer also keeps its outputs: the next layer's calibration inputs."""
+        col = Collector(specs, self.device)
+        if layer is not None:
+            collect = not self.sequential and self.next_inputs is None \
+                and g.index < len(self.layers[1]) - 1
+            out = self._forward(g, layer, collect, col)
+            if collect:
+                self.next_inputs = out
+        else:
+            with observing(self.model, col):
+                for b in self.calib_ids.split(8):
+                    self.model(input_ids=b, decoder_input_ids=b if self.model.config.is_encoder_decoder else None)
+        return col.finalize()
 
     def _fit(self, g: Group, chunk: list[Target], stats) -> dict[str, SharedTable]:
         tables: dict[str, SharedTable] = {}
@@ -355,11 +413,11 @@ def _ties(model, names: list[str]) -> dict[str, str]:
     return tied
 
 
-def crash_point(finished: int) -> None:
+def crash_point(writer: ArtifactWriter) -> None:
     """Testing aid: MOEQ_CRASH_AFTER_GROUPS=N sends this process SIGKILL once N groups are on disk (the
     resume tests use it to kill a run at an exact point; nothing is cleaned up, as with a real kill -9)."""
     n = os.environ.get("MOEQ_CRASH_AFTER_GROUPS")
-    if n and finished >= int(n):
+    if n and len(writer.records) >= int(n):  # (reading the records waits for the group being written)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

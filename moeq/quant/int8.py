@@ -10,6 +10,7 @@ of outlier features, plus two calibrated additions (see ../shared/methods/llm-in
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -39,11 +40,38 @@ class Int8Config(MethodConfig):
         return self
 
 
+BLOCK = 1 << 17  # elements per block of rows (512 KB of float32: stays in cache, below bound_heap's mmap threshold)
+
+
 def absmax_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-row symmetric int8: codes [out, in] int8, scale [out] fp32 (w ~= codes * scale[:, None])."""
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / QMAX
-    codes = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
-    return codes, scale.float()
+    """Per-output-row symmetric int8: codes [out, in] int8, scale [out] fp32 (w ~= codes * scale[:, None]).
+    Computed in float32 a block of rows at a time (``w`` may be bf16 or fp16: each block is upcast exactly), so
+    the temporaries stay in cache: the same values as whole-matrix ops, several times faster on large weights."""
+    out_f, in_f = w.shape
+    codes = torch.empty(out_f, in_f, dtype=torch.int8, device=w.device)
+    scale = torch.empty(out_f, dtype=torch.float32, device=w.device)
+    step = max(1, BLOCK // max(in_f, 1)) if w.device.type == "cpu" else max(out_f, 1)
+    with one_thread(w.device.type == "cpu"):
+        for r in range(0, out_f, step):
+            blk = w[r:r + step].to(torch.float32, copy=True)
+            s = blk.abs().amax(dim=1).clamp_(min=1e-12) / QMAX
+            scale[r:r + step] = s
+            codes[r:r + step] = blk.div_(s[:, None]).round_().clamp_(-QMAX, QMAX)
+    return codes, scale
+
+
+@contextmanager
+def one_thread(on: bool = True):
+    """Torch ops on one thread inside the block: cache-sized blocks gain nothing from splitting, and each split
+    op waits for the other thread at its end (a scheduling slice each, on a loaded machine)."""
+    n = torch.get_num_threads()
+    if on and n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if on and n > 1:
+            torch.set_num_threads(n)
 
 
 def smoothing_scales(act_amax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -74,10 +102,11 @@ class Int8Quantizer(Quantizer):
         return CalibSpec()
 
     def quantize(self, w: torch.Tensor, cfg: Int8Config, stats: Stats | None, shared=None) -> QTensor:
-        w = w.detach().float()
+        w = w.detach()  # absmax_rows computes in float32 itself
         out_f, in_f = w.shape
         tensors: dict[str, torch.Tensor] = {}
         if cfg.mode == "w8a8":
+            w = w.float()
             idx = systematic_outliers(stats, cfg.outlier_frac, cfg.threshold)
             if idx.numel():
                 tensors["outlier_idx"] = idx

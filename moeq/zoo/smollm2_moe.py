@@ -18,32 +18,25 @@ MoE-specific quantization error on a real pretrained network; data-free methods 
 The dense weights were Q4_1 in the GGUF, so 4-bit groups aligned to its 32-wide blocks can look artificially good.
 
 The build is deterministic (same bytes for the same torch/transformers) and cached under
-``cache_dir()/smollm2-moe``: written to a temp directory and renamed into place, with ``moeq-build.json`` recording
-how it was built and the sha256 of every weight file; a cache whose record is missing, stale or does not match
-the files is rebuilt.
+``cache_dir()/smollm2-moe`` by ``moeq.zoo.cache`` (the loader's ``resolve`` builds it on first use): written to
+a temp directory and renamed into place, with ``moeq-build.json`` recording the recipe, the source weights'
+sha256 and every file's size and sha256; a cache whose record is missing, stale or does not match its files is
+rebuilt.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import sys
 from pathlib import Path
 
 import torch
 
 NAME = "smollm2-moe"
 SOURCE = "smollm2-135m"
-BUILD_FILE = "moeq-build.json"
 BUILDER_VERSION = 1
 NUM_EXPERTS = 4
 TOP_K = 2
 ROUTER_SEED = 0
 ROUTER_STD = 0.02
-
-_verified: dict[str, tuple] = {}  # directory -> file stamps already checked against their sha256 in this process
 
 
 def recipe() -> dict:
@@ -62,42 +55,6 @@ def recipe() -> dict:
         "router_normalization": "softmax, top-2, renormalized to sum 1 (MixtralTopKRouter)",
         "dtype": "float32",
     }
-
-
-def ensure_built(dest: Path, load_model) -> Path:
-    """The cached upcycled model at ``dest``, building it first when it is missing, partial or stale.
-    ``load_model(spec, dtype=...)`` is the loader's (it hands itself in: the zoo does not import the loader)."""
-    dest = Path(dest)
-    if cache_valid(dest):
-        return dest
-    print(f"moeq: building zoo model {NAME} from {SOURCE} into {dest} (once)", file=sys.stderr)
-    return build(dest, load_model)
-
-
-def cache_valid(dest: Path) -> bool:
-    """``dest`` holds a complete build of the current recipe: the record parses, the recipe matches, and every
-    recorded weight file exists with its recorded size and sha256 (hashed once per process)."""
-    try:
-        record = json.loads((dest / BUILD_FILE).read_text())
-        if record.get("recipe") != recipe() or not (dest / "config.json").is_file():
-            return False
-        files = record["files"]
-        if not files or not (dest / "tokenizer.json").is_file():
-            return False
-        stamps = []
-        for name, info in sorted(files.items()):
-            st = (dest / name).stat()
-            if st.st_size != info["bytes"]:
-                return False
-            stamps.append((name, st.st_size, st.st_mtime_ns))
-        if _verified.get(str(dest)) == tuple(stamps):
-            return True
-        if any(_sha256(dest / name) != info["sha256"] for name, info in files.items()):
-            return False
-        _verified[str(dest)] = tuple(stamps)
-        return True
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
 
 
 def upcycle(dense) -> "torch.nn.Module":
@@ -156,53 +113,20 @@ def upcycle(dense) -> "torch.nn.Module":
     return moe.eval()
 
 
-def build(dest: Path, load_model) -> Path:
-    """Build into a temp directory next to ``dest`` and rename it into place. Raises ModelLoadError when the
-    source model is unavailable."""
-    from moeq.errors import ModelLoadError
-
-    dest = Path(dest)
+def build(dest: Path, load_model) -> dict:
+    """Write the upcycled model and the tokenizer into the (new, empty) directory ``dest``; returns the build
+    record's extra fields. ``load_model(spec, dtype=...)`` is the loader's (it hands itself in: the zoo does not
+    import the loader); it raises ModelLoadError when the source model is unavailable."""
     dense, tok, _ = load_model(SOURCE, dtype=torch.float32)
     with torch.no_grad():
         moe = upcycle(dense)
         _check_equivalent(dense, moe)
     del dense
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        moe.save_pretrained(tmp)
-        del moe
-        tok.save_pretrained(tmp)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.iterdir()) if p.name.endswith(".safetensors")}
-        if not files:
-            raise OSError("save_pretrained wrote no safetensors")
-        record = {"name": NAME, "recipe": recipe(), "files": files,
-                  "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
-                  "parameters": _param_count(tmp)}
-        (tmp / BUILD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if dest.exists():  # partial or stale: move it aside first (os.replace cannot replace a non-empty dir)
-            old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            try:
-                os.replace(dest, old)
-            except OSError:
-                pass
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not cache_valid(dest):  # not another process finishing the same build first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelLoadError(f"zoo model {NAME}: cannot write the cache at {dest} ({e})") from None
-    _verified.pop(str(dest), None)
-    if not cache_valid(dest):
-        raise ModelLoadError(f"zoo model {NAME}: the cache at {dest} does not match its build record")
-    return dest
+    moe.save_pretrained(dest)
+    del moe
+    tok.save_pretrained(dest)
+    return {"name": NAME, "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
+            "parameters": _param_count(dest)}
 
 
 def _check_equivalent(dense, moe, atol: float = 1e-3) -> None:
@@ -224,14 +148,6 @@ def _param_count(d: Path) -> int:
                 shape = f.get_slice(k).get_shape()
                 n += int(torch.Size(shape).numel())
     return n
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _version(pkg: str) -> str:
