@@ -30,7 +30,7 @@ import tempfile
 
 if __name__ == "__main__" and "--warm" not in sys.argv:       # before torch is imported: fresh compile caches
     _tmp = tempfile.mkdtemp(prefix="kernel_route_")
-    for _var in ("MOEQ_CACHE_DIR", "NUMBA_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+    for _var in ("MOEQ_CACHE", "NUMBA_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR"):
         os.environ[_var] = os.path.join(_tmp, _var.lower())
 
 import argparse  # noqa: E402

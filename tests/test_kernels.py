@@ -225,7 +225,7 @@ def test_auto_picks_cpp_when_it_builds(monkeypatch):
 
 def test_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("MOEQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MOEQ_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(ENV, raising=False)
     monkeypatch.setattr(cpu, "_state", {})
     codes, lut, scales = operands(4, 8, 64, 64)

@@ -5,7 +5,7 @@ ninja), compiled with ``$CXX`` or ``c++`` (-O3 -march=native -fopenmp) and loade
 the library links ``libgomp.so.1``, which resolves to the copy torch has already loaded (same soname), so it shares
 torch's thread pool; each call asks for ``torch.get_num_threads()`` threads.
 
-Cache: ``$MOEQ_CACHE_DIR`` or ``$XDG_CACHE_HOME/moeq`` or ``~/.cache/moeq``, under ``kernels/lut_<hash>.so``; the
+Cache: moeq's cache root (``moeq.zoo.cache.cache_root``: ``$MOEQ_CACHE``, ``$XDG_CACHE_HOME/moeq`` or ``~/.cache/moeq``), under ``kernels/lut_<hash>.so``; the
 hash covers the source, the flags, the compiler's version and the CPU's feature flags (-march=native binaries are
 not portable), so another process loads the cached library and another CPU builds its own. Written to a temporary
 name and renamed: concurrent first builds are safe.
@@ -292,8 +292,8 @@ _SIGNATURES = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MOEQ_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeq"
-    return Path(root) / "kernels"
+    from moeq.zoo.cache import cache_root  # one cache root for everything moeq builds
+    return cache_root() / "kernels"
 
 
 def _compiler() -> str | None:
