@@ -128,3 +128,13 @@ def test_expert_without_tokens_gets_no_statistics():
     assert stats["model.layers.0.mlp.experts.gate_up_proj.2"] is None
     assert stats["model.layers.0.mlp.experts.down_proj.2"] is None
     assert all(stats[f"model.layers.0.mlp.experts.gate_up_proj.{e}"] is not None for e in (0, 1, 3))
+
+
+def test_column_counts_equal_a_sum_over_tokens():
+    from moeq.quant.stats import column_counts
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(0, 5), (1, 1), (3, 7), (4097, 33), (300, 1536)]:
+        mask = torch.rand(n, k, generator=g) > 0.7
+        assert torch.equal(column_counts(mask), mask.sum(0, dtype=torch.int32)), (n, k)
+    strided = (torch.rand(64, 20, generator=g) > 0.5)[:, ::3]  # a non-contiguous view
+    assert torch.equal(column_counts(strided), strided.sum(0, dtype=torch.int32))

@@ -184,3 +184,38 @@ def test_dump_recipe_prints_the_resolved_rules():
 def test_device_cuda_without_a_gpu_is_one_line_before_loading(tmp_path):
     r = CliRunner().invoke(app, ["quantize", "--method", "gptq", "--device", "cuda", "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "no CUDA device" in r.output and not (tmp_path / "o").exists()
+
+
+def test_int8_calibrates_on_the_float_model_and_gptq_on_the_quantized_layers(tmp_path):
+    """int8's statistics (absmax, hits) are taken from the float model's activations, one forward per layer that
+    also makes the next layer's inputs; GPTQ's Hessians from what the already-quantized layers produce. Checked
+    through the second layer's smoothing scales, which follow from the float model's input to its q/k/v."""
+    from safetensors.torch import load_file
+
+    from moeq.quant.int8 import smoothing_scales
+    from tests.test_calib import _capture
+    calib = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(5))
+    ref, seen = build("mixtral"), {}
+    hook = _capture(ref.model.layers[1].self_attn.q_proj, seen, "x")
+    with torch.no_grad():
+        ref(input_ids=calib)
+    hook.remove()
+    name = "model.layers.1.self_attn.q_proj.weight"
+    expected = smoothing_scales(seen["x"].abs().amax(0), ref.get_parameter(name).float(), 0.5)
+
+    runs = {"int8": Recipe(method="int8"), "gptq": Recipe(method="gptq"),
+            "mixed": Recipe(rules=[{"targets": ["attention"], "method": "int8"},
+                                   {"targets": ["expert"], "method": "gptq"}])}
+    for label, recipe in runs.items():
+        api.quantize_model(build("mixtral"), tmp_path / label, recipe, calib_ids=calib)
+    manifests = {k: json.loads((tmp_path / k / "moeq.json").read_text()) for k in runs}
+    assert manifests["int8"]["calibration"]["layer_inputs"] == "float layers"
+    assert manifests["gptq"]["calibration"]["layer_inputs"] == "quantized layers"
+    assert manifests["mixed"]["calibration"]["layer_inputs"] == "quantized layers"  # one method needs them: all see them
+
+    def smooth(label):
+        e = manifests[label]["tensors"][name]
+        return load_file(str(tmp_path / label / e["shard"]))[f"{name}.smooth"]
+    torch.testing.assert_close(smooth("int8"), expected, rtol=1e-6, atol=0)
+    # the sequential run's second layer saw the int8 first layer's outputs: visibly different scales
+    assert not torch.allclose(smooth("mixed"), expected, rtol=1e-4, atol=0)

@@ -149,3 +149,38 @@ def test_w8a8_matvec_route_equals_the_int8_gemm(monkeypatch):
     monkeypatch.setattr(Int8Linear, "matvec_rows", 0)
     exact = m(x)
     torch.testing.assert_close(fast, exact, rtol=1e-2, atol=1e-2 * exact.abs().max().item())
+
+
+def _absmax_rows_whole(w):
+    """The whole-matrix formula absmax_rows computes block by block."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def test_absmax_rows_blocks_equal_the_whole_matrix_formula():
+    from moeq.quant.int8 import BLOCK, absmax_rows
+    threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(3 * BLOCK // 1000 + 7, 1000, generator=g) * 0.02  # several blocks and a ragged last one
+    big[5] = 0.0                                                          # an all-zero row: scale 1e-12 / 127
+    cases = [big, big.bfloat16(), big.half(), big.t()[:300],              # bf16 / fp16 upcast per block; strided
+             torch.randn(2, BLOCK + 3, generator=g),                      # rows wider than a block
+             torch.randn(1, 1, generator=g)]
+    for w in cases:
+        codes, scale = absmax_rows(w)
+        ref_codes, ref_scale = _absmax_rows_whole(w)
+        assert codes.dtype == torch.int8 and scale.dtype == torch.float32 and codes.is_contiguous()
+        assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale), (w.shape, w.dtype)
+    assert torch.get_num_threads() == threads  # the blocks ran on one thread; the setting is restored
+
+
+def test_quantize_keeps_the_weight_and_its_dtype_untouched():
+    w = (torch.randn(64, 48, generator=torch.Generator().manual_seed(1)) * 0.02).bfloat16()
+    before = w.clone()
+    x = _outlier_input(256, 48, cols=(3, 40))
+    for cfg in (Q.Config(mode="weight_only"), Q.Config()):
+        q = Q.quantize(w, cfg, _stats(x, cfg.threshold))
+        assert torch.equal(w, before) and w.dtype == torch.bfloat16
+        ref = Q.quantize(w.float(), cfg, _stats(x, cfg.threshold))  # the same codes as from the float32 weight
+        assert all(torch.equal(q.tensors[k], ref.tensors[k]) for k in ref.tensors)

@@ -17,7 +17,7 @@ def column_counts(mask: torch.Tensor) -> torch.Tensor:
     """True entries per column of a boolean [n, k] mask, int32. On the CPU one int8 GEMM with a row of ones (a
     reduction over dim 0 is ~15x slower there); elsewhere a sum."""
     if mask.device.type == "cpu":
-        return torch._int_mm(torch.ones(1, mask.shape[0], dtype=torch.int8), mask.view(torch.int8))[0]
+        return torch._int_mm(torch.ones(1, mask.shape[0], dtype=torch.int8), mask.contiguous().view(torch.int8))[0]
     return mask.sum(dim=0, dtype=torch.int32)
 
 
