@@ -69,14 +69,14 @@ class Offload:
     def _offload_layer(self, prefix: str) -> None:
         from accelerate.utils import offload_weight, set_module_tensor_to_device
 
-        from moeq.models.stream import _trim_heap
+        from moeq.models.stream import trim_heap
         layer = self.model.get_submodule(prefix)
         for name, t in layer.state_dict(keep_vars=True).items():
             if t is None or t.device.type == "meta":
                 continue
             offload_weight(t.detach(), f"{prefix}.{name}", str(self.dir), index=self.index)
             set_module_tensor_to_device(layer, name, "meta")
-        _trim_heap()
+        trim_heap()
 
     def dispatch(self) -> None:
         """Hook the offloaded layers (accelerate) and record the placement on the model."""

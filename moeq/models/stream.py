@@ -308,14 +308,14 @@ def release_params(model, names: list[str]) -> None:
         p = mod._parameters.get(attr)
         if p is not None and p.device.type != "meta":
             mod._parameters[attr] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
-    _trim_heap()
+    trim_heap()
 
 
 def release(module: torch.nn.Module) -> None:
     """Drop a processed group's tensors (float and packed) back to the meta device, and hand the freed heap
     back to the OS (glibc keeps it otherwise, and the resident set grows layer after layer)."""
     module.to("meta")
-    _trim_heap()
+    trim_heap()
 
 
 def bound_heap(threshold: int | None = None) -> None:
@@ -334,7 +334,7 @@ def bound_heap(threshold: int | None = None) -> None:
         pass
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     import ctypes
     import gc
     gc.collect()

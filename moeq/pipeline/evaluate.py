@@ -10,8 +10,9 @@ import torch
 from moeq.errors import MoeqError
 from moeq.progress import Reporter, peak_rss_mb
 from moeq.recipes import EvalSpec
-from moeq.runtime.load import load_any
-
+from moeq.formats.container import ArtifactReader
+from moeq.registry import load_builtins
+from moeq.runtime.load import is_artifact, load_any, resolve_dtype
 
 def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = EvalSpec(), speed: bool = True,
              reporter: Reporter = Reporter(), max_memory: int | None = None, use_baseline: bool = True,
@@ -24,22 +25,32 @@ def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = E
     from moeq.eval.perplexity import perplexity, tokenize_windows
     from moeq.eval.speed import measure_speed
 
+    from moeq.models.stream import trim_heap
+    dtype = resolve_dtype(target, dtype)
+    if not use_baseline:
+        baseline = None
+    elif baseline is None and target is not None and is_artifact(target):
+        load_builtins()
+        baseline = ArtifactReader(target).manifest.get("source", {}).get("model")
+    # the baseline first: its load's transient peak (a float32 checkpoint read to compute in 16 bits) is over
+    # before the target is in memory
+    base = load_any(baseline, reporter, max_memory, dtype=dtype)[0] if baseline else None
+    trim_heap()
     t0 = time.perf_counter()
     model, tok, manifest = load_any(target, reporter, max_memory, dtype=dtype)
     dtype = model.dtype
     load_s = time.perf_counter() - t0
     if tok is None:
         raise MoeqError(f"{target}: no tokenizer files; cannot evaluate text perplexity")
-    if not use_baseline:
-        baseline = None
-    elif baseline is None and manifest is not None:
-        baseline = manifest.get("source", {}).get("model")
-    base = load_any(baseline, reporter, max_memory, dtype=dtype)[0] if baseline else None
     windows = tokenize_windows(tok, load_text(spec.corpus, "eval"), spec.seqlen, spec.windows)
     result: dict[str, Any] = {"model": target, "baseline": baseline, "corpus": spec.corpus,
                               "dtype": str(dtype).removeprefix("torch."), "load_seconds": round(load_s, 2)}
     with reporter.task("perplexity" + (" + baseline, KL" if base is not None else ""), windows.shape[0]) as task:
-        r = perplexity(model, windows, spec.protocol, spec.batch_size, baseline=base, progress=task.advance)
+        def advance(n: int) -> None:  # freed forward temporaries back to the OS after each batch: glibc keeps
+            task.advance(n)            # them per thread arena otherwise (+250-600 MB of peak RSS on SmolLM2)
+            trim_heap()
+        trim_heap()
+        r = perplexity(model, windows, spec.protocol, spec.batch_size, baseline=base, progress=advance)
     result["ppl"] = {"value": r.ppl, "protocol": spec.protocol, "seqlen": spec.seqlen, "windows": r.windows,
                      "tokens": r.tokens, "describe": r.describe()}
     if base is not None:  # measured in the same pass, on the same windows

@@ -128,6 +128,21 @@ def _artifact_sizes(reader: ArtifactReader, dtype):
         yield name.rpartition(".")[0], int(e["bytes"] * scale)
 
 
+def resolve_dtype(spec: str | None, dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The compute dtype ``load_any(spec, dtype=dtype)`` will use, read from the artifact's or model's config
+    without loading weights (``auto`` needs the recorded dtype)."""
+    if dtype != "auto":
+        return compute_dtype(dtype)
+    if spec is not None and is_artifact(spec):
+        try:
+            cfg = json.loads((Path(spec) / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise ArtifactError(f"{Path(spec) / 'config.json'}: missing or not valid JSON") from None
+        return compute_dtype(dtype, recorded_dtype(cfg))
+    from moeq.models.loader import load_config, resolve
+    return compute_dtype(dtype, recorded_dtype(load_config(resolve(spec))))
+
+
 def load_any(spec: str | None, reporter: Reporter = Reporter(), max_memory: int | None = None,
              dtype: str | torch.dtype | None = torch.float32):
     """An artifact directory or any model spec the loader understands: (model, tokenizer, manifest|None), computing
@@ -136,9 +151,8 @@ def load_any(spec: str | None, reporter: Reporter = Reporter(), max_memory: int 
     if spec is not None and is_artifact(spec):
         model, tok, reader = load(spec, reporter, dtype=dtype, max_memory=max_memory)
         return model, tok, reader.manifest
-    from moeq.models.loader import load_config, load_model, resolve
-    if dtype == "auto":
-        dtype = compute_dtype(dtype, recorded_dtype(load_config(resolve(spec))))
+    from moeq.models.loader import load_model
+    dtype = resolve_dtype(spec, dtype)
     with reporter.task(f"load {spec or 'default model'}", None):
         model, tok, _ = load_model(spec, dtype=compute_dtype(dtype), max_memory=max_memory)
     return model, tok, None
