@@ -22,6 +22,7 @@ from moeq.quant.stats import Hessian
 from moeq.registry import QUANTIZERS
 
 FP16_MIN, FP16_MAX = 2.0 ** -24, 65504.0       # smallest subnormal / largest finite float16
+CLIP_RATIOS = tuple(i / 50 for i in range(50, 0, -1))  # clip="mse": range multipliers tried (1.00 .. 0.02)
 BATCH_BYTES = 1 << 26    # Hessian bytes per batched GPTQ call (experts are chunked to stay under it; the call
                          # holds about 3x that in factorization temporaries)
 
@@ -33,11 +34,13 @@ class UniformGrid:
       symmetric:  range [-absmax, absmax], zero = 2^(b-1), so codes reach -2^(b-1) .. 2^(b-1) - 1 steps and the
                   positive extreme clips by half a step (the reference keeps min = 0 for a group with no negative
                   weight, clipping it to half its range; here the range is always symmetric).
-    An all-zero group gets the range [-1, 1]. The scale is rounded to float16 (kept in [2^-24, 65504]) before the
+    ``clip="mse"`` shrinks each row's (group's) range by the factor in ``CLIP_RATIOS`` of least squared weight error
+    (1.0 is among them, so never worse than absmax). An all-zero group gets the range [-1, 1]. The scale is rounded to float16 (kept in [2^-24, 65504]) before the
     codes are chosen, as stored, so ``deq`` is exactly what the codec's parts decode to."""
 
     bits: int
     sym: bool = False
+    clip: Literal["absmax", "mse"] = "absmax"
     code_dtype: ClassVar[torch.dtype] = torch.uint8
 
     @property
@@ -49,9 +52,29 @@ class UniformGrid:
         if self.sym:
             hi = torch.maximum(-lo, hi)
             lo = -hi
+        if self.clip == "mse":
+            return self._mse_params(w, lo, hi)
+        return self._range_params(lo, hi)
+
+    def _mse_params(self, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per row (and group), the range [a*lo, a*hi] with a in ``CLIP_RATIOS`` of least squared error."""
+        best, best_err = None, None
+        for a in CLIP_RATIOS:
+            p = self._range_params(lo * a, hi * a)
+            deq, _ = self.quantize(w, {k: v[..., None] for k, v in p.items()})
+            err = (deq - w).square_().sum(-1)
+            if best is None:
+                best, best_err = p, err
+            else:
+                better = err < best_err
+                best = {k: torch.where(better, v, best[k]) for k, v in p.items()}
+                best_err = torch.minimum(err, best_err)
+        return best
+
+    def _range_params(self, lo: torch.Tensor, hi: torch.Tensor) -> dict[str, torch.Tensor]:
         empty = (lo == 0) & (hi == 0)
         lo, hi = lo.masked_fill(empty, -1.0), hi.masked_fill(empty, 1.0)
-        scale = ((hi - lo) / self.maxq).clamp(FP16_MIN, FP16_MAX).half().to(w.dtype)
+        scale = ((hi - lo) / self.maxq).clamp(FP16_MIN, FP16_MAX).half().to(lo.dtype)
         if self.sym:
             zero = torch.full_like(scale, (self.maxq + 1) // 2)
         else:
@@ -77,6 +100,8 @@ class UniformConfig(MethodConfig):
     bits: int = Field(4, ge=2, le=8, description="bits per weight code")
     group_size: Literal[0, 32, 64, 128] = Field(128, description="inputs per scale/zero group; 0 = one per row")
     sym: bool = Field(False, description="symmetric grid (zero point fixed at 2^(bits-1)) instead of min/max")
+    clip: Literal["absmax", "mse"] = Field(
+        "absmax", description="range of a row/group: its min/max, or the shrunk range of least squared error (mse)")
 
 
 class GPTQConfig(UniformConfig):
@@ -114,7 +139,7 @@ class _UniformQuantizer(Quantizer):
     codec = "affine-packed"
 
     def _rtn(self, w: torch.Tensor, cfg: UniformConfig) -> GridResult:
-        return rtn(w.detach().float(), UniformGrid(cfg.bits, cfg.sym), cfg.group_size)
+        return rtn(w.detach().float(), UniformGrid(cfg.bits, cfg.sym, cfg.clip), cfg.group_size)
 
     def quantize(self, w, cfg, stats, shared=None):
         return _qtensor(self._rtn(w, cfg), cfg)
@@ -152,7 +177,7 @@ class GPTQQuantizer(_UniformQuantizer):
         return CalibSpec(accumulators=[Hessian()], experts=cfg.experts, gate_weighted=cfg.gate_weighted)
 
     def _gptq(self, w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> GridResult:
-        return gptq(w.detach().float(), h.float(), UniformGrid(cfg.bits, cfg.sym), group_size=cfg.group_size,
+        return gptq(w.detach().float(), h.float(), UniformGrid(cfg.bits, cfg.sym, cfg.clip), group_size=cfg.group_size,
                     block_size=cfg.block_size, percdamp=cfg.percdamp, act_order=cfg.act_order,
                     static_groups=cfg.static_groups)
 
