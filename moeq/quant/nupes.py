@@ -272,7 +272,14 @@ def refine(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scale: torch.T
     the coordinate-wise optimal continuous weight, so a code moves when moving it alone would lower L.
     dL/dŴ = -2 (W - Ŵ) H is one GEMM a step; the rest is elementwise. Every forward evaluates an actual
     quantization, so the best iterate per expert is kept (step 0 = the start): its codes, decoded with
-    ``PowerGrid`` at its exponent (rounded to ``DIGITS``), i.e. exactly as stored."""
+    ``PowerGrid`` at its exponent (rounded to ``DIGITS``), i.e. exactly as stored. Runs with autograd on whatever
+    the caller's grad mode (the pipeline quantizes under ``no_grad``)."""
+    with torch.enable_grad():
+        return _refine(w, h, codes, scale, a, bits, grid, steps=steps, lr=lr, lr_exponent=lr_exponent,
+                       learn_exponent=learn_exponent, bounds=bounds)
+
+
+def _refine(w, h, codes, scale, a, bits, grid, *, steps, lr, lr_exponent, learn_exponent, bounds) -> Refined:
     w, h, s = w.float(), h.float(), scale.float()
     e = w.shape[0]
     hs2 = h.diagonal(dim1=-2, dim2=-1).unsqueeze(-2) * s * s                          # H_jj s^2 [E, out, in]
