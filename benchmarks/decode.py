@@ -6,7 +6,8 @@
 Variants (``VARIANTS``): fp32 / bf16 float models (``load_model``); moeq int8 w8a8 (calibrated LLM.int8, the
 ``moeq quantize --method int8`` default) and int8 weight-only, each loaded with ``moeq.api.load`` in fp32 and in
 bf16; peers on every nn.Linear but lm_head (PROTOCOL.md "Methods": float model loaded in fp32, cast to the act
-dtype): optimum-quanto qint8 (bf16), torchao Int8WeightOnlyConfig (bf16), bitsandbytes Linear8bitLt t=6 (fp32).
+dtype): optimum-quanto qint8 (bf16), torchao Int8WeightOnlyConfig (bf16), bitsandbytes Linear8bitLt t=6 (fp32);
+moeq NUPES W4 g64 data-free (bf16: the LUT kernel route, ``moeq.kernels``).
 A peer that is not installed or fails is a row saying so. bf16 always runs: it is the reference of the ratios and
 of the token check. ``--only`` keeps the variants whose name contains one of the given substrings.
 
@@ -69,7 +70,7 @@ class Variant:
     act: torch.dtype                                 # the compute dtype asked for
     build: Callable[[str, Path, torch.dtype], torch.nn.Module]   # (model spec, artifact dir, act) -> model
     note: str
-    artifact: dict | None = None                     # moeq int8 options; the artifact is built once per model
+    artifact: dict | None = None                     # moeq options (+ method, default int8); built once per model
     peer: str | None = None                          # the distribution a peer needs
 
 
@@ -134,6 +135,7 @@ def bnb_model(spec, _art, act, threshold=6.0):
 
 
 W8A8, WEIGHT_ONLY = {}, {"mode": "weight_only"}
+NUPES4 = {"method": "nupes", "bits": 4, "group_size": 64}
 VARIANTS = {
     "fp32": Variant(F32, float_model, "transformers, load_model(dtype=fp32)"),
     "bf16": Variant(BF16, float_model, "transformers, load_model(dtype=bf16)"),
@@ -141,6 +143,7 @@ VARIANTS = {
     "moeq_int8/bf16": Variant(BF16, moeq_model, "moeq int8 w8a8 (calibrated), load(dtype=bf16)", W8A8),
     "moeq_int8_wo/fp32": Variant(F32, moeq_model, "moeq int8 --weight-only, load(dtype=fp32)", WEIGHT_ONLY),
     "moeq_int8_wo/bf16": Variant(BF16, moeq_model, "moeq int8 --weight-only, load(dtype=bf16)", WEIGHT_ONLY),
+    "moeq_nupes4/bf16": Variant(BF16, moeq_model, "moeq nupes W4 g64 data-free, load(dtype=bf16)", NUPES4),
     "quanto_qint8": Variant(BF16, quanto_model, "quantize(weights=qint8, exclude=lm_head)+freeze",
                             peer="optimum-quanto"),
     "ao_int8wo": Variant(BF16, torchao_model, "quantize_(Int8WeightOnlyConfig()), not lm_head", peer="torchao"),
@@ -150,7 +153,9 @@ REFERENCE = "bf16"
 
 
 def artifact_name(opts: dict) -> str:
-    return "int8" + "".join(f"_{k}={v}" for k, v in sorted(opts.items()))
+    """``opts``: the method's options, plus ``method`` (default int8)."""
+    opts = dict(opts)
+    return opts.pop("method", "int8") + "".join(f"_{k}={v}" for k, v in sorted(opts.items()))
 
 
 def ensure_artifact(spec: str, opts: dict, work: Path, rebuild: bool) -> tuple[Path, dict]:
@@ -163,8 +168,10 @@ def ensure_artifact(spec: str, opts: dict, work: Path, rebuild: bool) -> tuple[P
         return out, {"artifact": str(out), "quantized": "reused", "artifact_mtime": time.ctime(out.stat().st_mtime)}
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"quantizing {spec} int8 {opts or 'default'} -> {out}", flush=True)
-    res = api.quantize(Recipe(model=spec, method="int8", options=dict(opts)), out)
+    opts = dict(opts)
+    method = opts.pop("method", "int8")
+    print(f"quantizing {spec} {method} {opts or 'default'} -> {out}", flush=True)
+    res = api.quantize(Recipe(model=spec, method=method, options=opts), out)
     print(f"  done in {res['seconds']:.0f} s", flush=True)
     return out, {"artifact": str(out), "quantized": "now", "quantize_s": res["seconds"],
                  "bits_per_param": res.get("bits_per_param")}

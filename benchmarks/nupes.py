@@ -82,10 +82,10 @@ def peer_hqq(model, bits: int, group: int) -> tuple[int, int]:
     cfg = BaseQuantizeConfig(nbits=bits, group_size=group or None)
     params = nbytes = 0
     for name, lin in linears(model).items():
+        params += lin.weight.numel()      # before HQQLinear, which frees the source weight
         q = HQQLinear(lin, cfg, compute_dtype=torch.float32, device="cpu")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
-        params += lin.weight.numel()
         nbytes += held_bytes(q)
     return params, nbytes
 
