@@ -1,4 +1,7 @@
-"""The CPU route: an AVX-512 LUT matvec and dequantizer in a small C++ shared library, built on first use.
+"""The CPU route: an AVX-512 LUT matvec and dequantizer in a small C++ shared library, built on first use; the same
+library holds LLM.int8's fused w8a8 matvec for decode (``int8_matvec``: per-token int8 quantization of x with
+torch's exact rounding, int32 dot products by AVX-512 VNNI, scales, static outlier columns and bias in one call; the
+caller is :class:`moeq.runtime.int8.Int8Linear`; benchmarks/int8_fused.py).
 
 Plain C++ (no torch headers: a cold build takes ~1-3 s instead of ~45-70 s for a torch extension, and needs no
 ninja), compiled with ``$CXX`` or ``c++`` (-O3 -march=native -fopenmp) and loaded with ctypes. OpenMP threads:
@@ -33,6 +36,8 @@ import torch
 
 SOURCE = r"""
 #include <cstdint>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -207,6 +212,211 @@ void dequant_row(const uint8_t* row, const Tables& base, const float* s, int64_t
 }
 #endif
 
+
+// ---------------------------------------------------------------- int8 w8a8 matvec (LLM.int8 at decode)
+#if defined(MOEQ_AVX512) && defined(__AVX512VL__)
+#define MOEQ_AVX512VL 1           // 128/256-bit masked loads and stores
+#endif
+// Per row m of x: xs = x * c (float32), amax = max(max|xs|, 1e-8), codes = rint(xs * ((1 / amax) * 127)) (torch's
+// `xs * (127 / amax)` is `xs * (amax.reciprocal() * 127)`, half to even), held as code + 128 in uint8 (padding: 0);
+// acc[n] = sum_k (code + 128) * Q[n, k] - 128 * sum_k Q[n, k] (exact int32), y = float(acc) * (amax * sq[n])
+// + sum_j x[m, idx[j]] * wo[j, n] + bias[n].
+inline float load_elem(const void* x, int64_t i, int dtype) {
+  if (dtype == F32) return ((const float*)x)[i];
+  if (dtype == BF16) {
+    const uint32_t u = (uint32_t)((const uint16_t*)x)[i] << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  return (float)((const _Float16*)x)[i];
+}
+
+inline void store_elem(void* y, int64_t i, float v, int dtype) {
+  if (dtype == F32) ((float*)y)[i] = v;
+  else if (dtype == BF16) ((uint16_t*)y)[i] = v != v ? (uint16_t)0x7FC0 : to_bf16(v);
+  else ((_Float16*)y)[i] = (_Float16)v;
+}
+
+// One row of x -> xs (scratch) and its codes + 128 in a[0, K); returns amax, or NaN where a value of xs is not finite
+// (torch's route then yields NaN for the whole row).
+inline float quantize_row(const void* x, int dtype, const float* c, int64_t K, float* xs, uint8_t* a) {
+  float amax = 0.f;
+  bool bad = false;
+  int64_t k = 0;
+#ifdef MOEQ_AVX512VL
+  __m512 mx = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+    __m512 v;
+    if (dtype == F32) {
+      v = _mm512_maskz_loadu_ps(m, (const float*)x + k);
+    } else {
+      const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)x + k);
+      v = dtype == BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+    }
+    v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, c + k));
+    _mm512_mask_storeu_ps(xs + k, m, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+  }
+  amax = _mm512_reduce_max_ps(mx);
+  bad = nan != 0;
+#else
+  for (; k < K; ++k) {
+    const float v = load_elem(x, k, dtype) * c[k];
+    xs[k] = v;
+    const float av = std::fabs(v);
+    bad |= v != v;
+    amax = av > amax ? av : amax;
+  }
+#endif
+  if (bad || amax == __builtin_inff()) return __builtin_nanf("");
+  amax = amax < 1e-8f ? 1e-8f : amax;
+  const float r = 1.0f / amax;
+  const float mult = r * 127.0f;
+  k = 0;
+#ifdef MOEQ_AVX512VL
+  const __m512 mv = _mm512_set1_ps(mult);
+  const __m512i off = _mm512_set1_epi32(128);
+  for (; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+    const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs + k), mv);
+    const __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), off);
+    _mm_mask_storeu_epi8(a + k, m, _mm512_cvtepi32_epi8(q));
+  }
+#else
+  for (; k < K; ++k) a[k] = (uint8_t)((int)__builtin_nearbyintf(xs[k] * mult) + 128);
+#endif
+  return amax;
+}
+
+#if defined(MOEQ_AVX512VL) && defined(__AVX512VNNI__)
+#define MOEQ_VNNI 1
+// Lane r of the result = the sum of the 16 lanes of a[r].
+inline __m512i reduce16(const __m512i (&a)[16]) {
+  __m512i t[8], u[4];
+  for (int i = 0; i < 8; ++i)    // per 128-bit lane: [a2i, a2i+1, a2i, a2i+1] partial sums
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)    // per 128-bit lane: [a4i .. a4i+3]
+    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+  const __m512i s0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xDD));
+  const __m512i s1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(s0, s1, 0x88), _mm512_shuffle_i32x4(s0, s1, 0xDD));
+}
+
+// sum_k a[k] * w_r[k] for the 16 rows w_r = w + row[r] * K (a: uint8, 64-byte aligned, zero padded to 64).
+inline __m512i dot16(const uint8_t* a, const int8_t* w, const int64_t (&row)[16], int64_t K) {
+  __m512i acc[16];
+  const int8_t* p[16];
+  for (int r = 0; r < 16; ++r) {
+    acc[r] = _mm512_setzero_si512();
+    p[r] = w + row[r] * K;
+  }
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    const __m512i av = _mm512_load_si512(a + k);
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], av, _mm512_loadu_si512(p[r] + k));
+  }
+  if (k < K) {
+    const __mmask64 m = ~0ULL >> (64 - (K - k));
+    const __m512i av = _mm512_load_si512(a + k);
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], av, _mm512_maskz_loadu_epi8(m, p[r] + k));
+  }
+  return reduce16(acc);
+}
+
+inline void store16m(void* d, int64_t i, __m512 w, int dtype, __mmask16 m) {
+  if (dtype == F32) { _mm512_mask_storeu_ps((float*)d + i, m, w); return; }
+  __m256i h;
+  if (dtype == BF16) {
+#ifdef __AVX512BF16__
+    h = (__m256i)_mm512_cvtneps_pbh(w);
+#else
+    const __m512i u = _mm512_castps_si512(w);
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+    h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+#endif
+  } else {
+    h = _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  _mm256_mask_storeu_epi16((uint16_t*)d + i, m, h);
+}
+#endif
+
+struct Int8Layer {              // one layer's constants (built once, Python side: cpu.Int8Layer); 8-byte fields
+  const float* c;              // [K] 1/smooth, 0 on the outlier columns
+  const int8_t* w;             // [N, K]
+  const int32_t* comp;         // [N] 128 * sum_k Q[n, k]
+  const float* sq;             // [N] weight scale / 127
+  const int64_t* idx;          // [n_out] outlier columns
+  const float* wo;             // [n_out, N] their weights
+  const float* bias;           // [N] or null
+  int64_t K, N, n_out;
+};
+
+struct Int8Args {
+  const Int8Layer* L;
+  const uint8_t* a;            // [M, Kp] codes + 128
+  const float* amax;           // [M] (NaN: a non-finite row)
+  const float* xo;             // [M, n_out] the outlier inputs
+  int64_t M, Kp;
+  void* y;
+  int out_dtype;
+};
+
+// Output rows [n0, n1) of every row of x (n0 a multiple of 16 on the AVX-512 path).
+inline void int8_rows(const Int8Args& g, int64_t n0, int64_t n1) {
+  const Int8Layer& L = *g.L;
+  const int64_t K = L.K, N = L.N, J = L.n_out;
+#ifdef MOEQ_VNNI
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    const int64_t valid = n1 - nb < 16 ? n1 - nb : 16;
+    const __mmask16 nm = valid == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+    int64_t row[16];
+    for (int r = 0; r < 16; ++r) row[r] = nb + (r < valid ? r : valid - 1);   // past N: repeat the last row
+    const __m512i comp = _mm512_maskz_loadu_epi32(nm, L.comp + nb);
+    const __m512 sq = _mm512_maskz_loadu_ps(nm, L.sq + nb);
+    for (int64_t m = 0; m < g.M; ++m) {
+      const float amax = g.amax[m];
+      __m512 y;
+      if (amax != amax) {
+        y = _mm512_set1_ps(__builtin_nanf(""));
+      } else {
+        const __m512i acc = _mm512_sub_epi32(dot16(g.a + m * g.Kp, L.w, row, K), comp);
+        y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(_mm512_set1_ps(amax), sq));
+        for (int64_t j = 0; j < J; ++j)
+          y = _mm512_fmadd_ps(_mm512_set1_ps(g.xo[m * J + j]), _mm512_maskz_loadu_ps(nm, L.wo + j * N + nb), y);
+        if (L.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(nm, L.bias + nb));
+      }
+      store16m(g.y, m * N + nb, y, g.out_dtype, nm);
+    }
+  }
+#else
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = L.w + n * K;
+    for (int64_t m = 0; m < g.M; ++m) {
+      const float amax = g.amax[m];
+      float y = __builtin_nanf("");
+      if (amax == amax) {
+        const uint8_t* a = g.a + m * g.Kp;
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += (int32_t)a[k] * (int32_t)wr[k];
+        const float f = amax * L.sq[n];
+        y = (float)(s - L.comp[n]) * f;
+        for (int64_t j = 0; j < J; ++j) y = __builtin_fmaf(g.xo[m * J + j], L.wo[j * N + n], y);
+        if (L.bias) y += L.bias[n];
+      }
+      store_elem(g.y, m * N + n, y, g.out_dtype);
+    }
+  }
+#endif
+}
+
 }  // namespace
 
 extern "C" {
@@ -275,12 +485,48 @@ void moeq_lut_dequant(const uint8_t* packed, int64_t r0, int64_t r1, int64_t K, 
   }
 }
 
+
+int moeq_int8_vnni() {
+#ifdef MOEQ_VNNI
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// LLM.int8 w8a8 for a few rows of x (decode): y[M, N] (out_dtype) from x[M, K] (dtype 0 float32, 1 bfloat16,
+// 2 float16) and one layer's constants (Int8Layer). Formula: int8_rows / quantize_row.
+void moeq_int8_matvec(const Int8Layer* L, const void* x, int dtype, int64_t M, void* y, int out_dtype, int threads) {
+  const int64_t K = L->K, N = L->N, J = L->n_out, Kp = (K + 63) / 64 * 64, esize = dtype == F32 ? 4 : 2;
+  thread_local std::vector<uint8_t> abuf;     // scratch of the calling thread, grown on demand
+  thread_local std::vector<float> fbuf;
+  if ((int64_t)abuf.size() < M * Kp + 64) abuf.resize(M * Kp + 64);
+  if ((int64_t)fbuf.size() < K + M + M * J) fbuf.resize(K + M + M * J);
+  uint8_t* a = abuf.data() + (64 - (uintptr_t)abuf.data() % 64) % 64;    // 64-byte aligned rows
+  float *xs = fbuf.data(), *amax = xs + K, *xo = amax + M;
+  for (int64_t m = 0; m < M; ++m) {
+    const void* xm = (const char*)x + m * K * esize;
+    std::memset(a + m * Kp + K, 0, (size_t)(Kp - K));
+    amax[m] = quantize_row(xm, dtype, L->c, K, xs, a + m * Kp);
+    for (int64_t j = 0; j < J; ++j) xo[m * J + j] = load_elem(xm, L->idx[j], dtype);
+  }
+  const Int8Args g{L, a, amax, xo, M, Kp, y, out_dtype};
+  const int64_t blocks = (N + 15) / 16;
+  if (threads <= 1 || blocks < 2) {
+    int8_rows(g, 0, N);
+  } else {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) int8_rows(g, b * 16, b * 16 + 16 < N ? b * 16 + 16 : N);
+  }
+}
+
 }  // extern "C"
 """
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 TILE_BYTES = 4 << 20          # prefill: dequantize this many bytes of W per GEMM (half a tile per core: L2)
+INT8_PARALLEL_MIN = 1 << 19   # int8 matvec: weights below which one thread beats two (benchmarks/int8_fused.py)
 
 _state: dict = {}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -288,6 +534,8 @@ _SIGNATURES = {
     "moeq_lut_avx512": ([], _INT),
     "moeq_lut_matvec": ([_P, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _INT, _P, _INT], None),
     "moeq_lut_dequant": ([_P, _I64, _I64, _I64, _P, _I64, _P, _I64, _INT, _INT, _P, _INT], None),
+    "moeq_int8_vnni": ([], _INT),
+    "moeq_int8_matvec": ([_P, _P, _INT, _I64, _P, _INT, _INT], None),
 }
 
 
@@ -354,6 +602,11 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
+def int8_flavor() -> str:
+    """``vnni`` (AVX-512 VNNI dot products) or ``portable`` (a plain int32 loop) for :func:`int8_matvec`."""
+    return "vnni" if library().moeq_int8_vnni() else "portable"
+
+
 def flavor() -> str:
     """``avx512`` (the vectorized kernel) or ``portable`` (the plain loop a CPU without AVX-512 gets)."""
     return "avx512" if library().moeq_lut_avx512() else "portable"
@@ -402,3 +655,55 @@ def linear_tiled(x2: torch.Tensor, packed, lut, scales, group_size: int, bits: i
         w = dequantize_rows(packed, lut, scales, group_size, bits, in_features, r0, r1, buf[: r1 - r0])
         torch.mm(w, xt, out=yt[r0:r1])
     return yt.t().contiguous()
+
+
+class Int8Layer(ctypes.Structure):
+    """One layer's constants for ``moeq_int8_matvec`` (the C struct of the same name). Built once per layer: the
+    call then passes 7 arguments (ctypes converts each at ~0.2 µs, which matters on 256-wide layers)."""
+
+    _fields_ = [("c", _P), ("w", _P), ("comp", _P), ("sq", _P), ("idx", _P), ("wo", _P), ("bias", _P),
+                ("K", _I64), ("N", _I64), ("n_out", _I64)]
+
+
+def int8_layer(act_scale: torch.Tensor, qweight: torch.Tensor, comp: torch.Tensor, scale_q: torch.Tensor,
+               outlier_idx: torch.Tensor | None = None, outlier_wt: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> tuple[Int8Layer, int, tuple]:
+    """The constants of one w8a8 layer for :func:`int8_matvec`: act_scale float32 [K] (1/smooth, 0 on the outlier
+    columns); qweight int8 [N, K]; comp int32 [N] = 128 * the row sums of qweight; scale_q float32 [N] (weight
+    scale / 127); outlier_idx int64 [J] with outlier_wt float32 [J, N]; bias float32 [N]; all contiguous CPU
+    tensors. Returns (struct, its address, the tensors it points into: keep them alive as long as the struct)."""
+    n, k = qweight.shape
+    j = 0 if outlier_idx is None else outlier_idx.numel()
+    keep = (act_scale, qweight, comp, scale_q, outlier_idx, outlier_wt, bias)
+    for t, dt in zip(keep, (torch.float32, torch.int8, torch.int32, torch.float32, torch.int64, torch.float32,
+                            torch.float32)):
+        if t is not None and (t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu"):
+            raise ValueError(f"int8 kernel operand must be a contiguous CPU {dt}, got {t.dtype} {list(t.shape)}")
+    if j and not 0 <= int(outlier_idx.min()) <= int(outlier_idx.max()) < k:
+        raise ValueError(f"outlier index out of range [0, {k})")
+    def ptr(t):
+        return None if t is None or t.numel() == 0 else t.data_ptr()
+    st = Int8Layer(ptr(act_scale), ptr(qweight), ptr(comp), ptr(scale_q), ptr(outlier_idx) if j else None,
+                   ptr(outlier_wt) if j else None, ptr(bias), k, n, j)
+    return st, ctypes.addressof(st), keep
+
+
+def int8_threads(weights: int) -> int:
+    """Threads for an int8 matvec over ``weights`` int8 weights: one below ``INT8_PARALLEL_MIN`` (a parallel region
+    costs more than it saves on small layers), else torch's."""
+    return 1 if weights < INT8_PARALLEL_MIN else torch.get_num_threads()
+
+
+def int8_matvec(layer: tuple, x2: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LLM.int8 w8a8 of a few rows of x in one call (formula: ``moeq_int8_matvec`` in SOURCE; the caller is
+    :class:`moeq.runtime.int8.Int8Linear`): ``layer`` from :func:`int8_layer`, x2 [M, K] float32 / bfloat16 /
+    float16 contiguous. Returns y [M, N] in ``out_dtype`` (x's dtype by default)."""
+    st, addr, _ = layer
+    m = x2.shape[0]
+    if x2.shape[1] != st.K or not x2.is_contiguous() or x2.device.type != "cpu":
+        raise ValueError(f"x must be a contiguous CPU [M, {st.K}], got {list(x2.shape)}")
+    out_dtype = out_dtype or x2.dtype
+    y = torch.empty(m, st.N, dtype=out_dtype)
+    library().moeq_int8_matvec(addr, x2.data_ptr(), DTYPES[x2.dtype], m, y.data_ptr(), DTYPES[out_dtype],
+                               int8_threads(st.N * st.K))
+    return y

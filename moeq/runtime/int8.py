@@ -10,6 +10,12 @@ w8a8 forward for x [M, K] (per-token scales computed at run time, in float32 wha
                                                       batch, zeroed in xs first; a data-dependent branch)
 A calibrated layer runs no per-call outlier search and no host synchronisation: ~10 kernels a call.
 
+w8a8 at decode on CPU (up to ``fused_rows`` tokens, layers without the dynamic search or ``act_group``): the whole
+formula above is ONE call of moeq's C++ kernel (``moeq.kernels.cpu.int8_matvec``: the same integer codes, exact int32
+sums by AVX-512 VNNI, the static outlier columns and the bias in float32, output in x's dtype), instead of ~15 small
+torch ops whose per-op overhead dominated small layers. ``MOEQ_KERNEL=torch`` (or no C++ compiler) keeps the torch
+route; ``MOEQ_KERNEL=cpp`` insists on the kernel.
+
 weight-only forward: ``torch._weight_int8pack_mm`` (int8 weights x bf16/fp16 activations, per-row scales) up to
 ``Int8Linear.small_batch`` tokens (more for large weights), float32 activations converted to bfloat16 once for it (torch's float32 variant
 of the kernel is ~20x slower than the bf16 one); above that (prefill) the codes are converted and one dense GEMM
@@ -18,15 +24,32 @@ runs in the activation dtype (float32 for CPU float16, whose GEMMs are slow).
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+# builds nothing on import: the C++ library is built (or loaded from its cache) on first use
+from moeq.kernels import cpu as cpu_kernels
 from moeq.quant.base import QTensor
 from moeq.registry import RUNTIMES
 
 QMAX = 127.0
+_FUSED_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # = moeq.kernels.cpu.DTYPES
+
+
+def fused_library():
+    """moeq's C++ library where the fused CPU w8a8 route may run, else None. ``MOEQ_KERNEL`` (moeq.kernels.lut):
+    ``torch`` forces the torch route, ``cpp`` insists (RuntimeError where the library cannot be built), anything
+    else takes the kernel where it builds."""
+    want = os.environ.get("MOEQ_KERNEL", "auto").strip().lower()
+    if want == "torch":
+        return None
+    lib = cpu_kernels.library()
+    if lib is None and want == "cpp":
+        raise RuntimeError("MOEQ_KERNEL=cpp: the C++ int8 kernel cannot run here")
+    return lib
 
 
 def int8_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -69,6 +92,7 @@ class Int8Linear(torch.nn.Module):
     # flat in M up to a few rows but loses to the matvec at one or two.
     small_batch: ClassVar[int] = 8     # weight-only: the int8-weight kernel up to max(this, weights / 2^19) rows
     matvec_rows: ClassVar[int] = 2     # w8a8: the int8-weight kernel on integer codes up to this many rows
+    fused_rows: ClassVar[int] = 4      # w8a8 CPU: moeq's fused C++ kernel up to this many rows (where it applies)
 
     def __init__(self, q: QTensor, bias: torch.Tensor | None, shared: dict | None = None):
         super().__init__()
@@ -86,7 +110,8 @@ class Int8Linear(torch.nn.Module):
         # Calibration saw this layer's inputs (smoothing or systematic columns): its outliers are the static columns
         # and no per-call search runs. Uncalibrated layers decompose features over the threshold in each batch.
         self.dynamic = self.threshold > 0 and self.inv_smooth is None and self.outlier_idx is None
-        self._cache: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self._fusable = self.mode == "w8a8" and not self.dynamic and not self.act_group   # the fused CPU route
+        self._cache: dict = {}   # (name, dtype, device) -> constant; "fused" -> the fused kernel's layer (int8_layer)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -127,6 +152,8 @@ class Int8Linear(torch.nn.Module):
                 t = torch.ones(self.out_features)
             elif name == "outlier_w_t":
                 t = self.outlier_w.t()
+            elif name == "comp":  # fused kernel: its codes are held + 128 (VNNI multiplies unsigned by signed bytes)
+                t = self.qweight.sum(dim=1, dtype=torch.int32) * 128
             else:
                 t = getattr(self, name)
             t = self._cache[key] = t.to(device=device, dtype=dtype).contiguous()
@@ -134,7 +161,9 @@ class Int8Linear(torch.nn.Module):
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
-        if x.device.type == "cpu" and x.shape[0] <= max(self.small_batch, self.qweight.numel() >> 19):
+        if (x.device.type == "cpu" and x.shape[0] <= max(self.small_batch, self.qweight.numel() >> 19)
+                and self.in_features % 16 == 0):  # torch 2.13's kernel is wrong (NaN, garbage, a crash at K=7)
+                                                  # when K is not a multiple of 16: tests/test_int8_fused.py
             # torch's int8 x bf16/fp16 kernel; its float32 variant is ~20x slower, so float32 activations are
             # converted once (bf16 keeps 8 bits of mantissa against the weight's 7)
             kdt = dt if dt in (torch.bfloat16, torch.float16) else torch.bfloat16
@@ -147,6 +176,11 @@ class Int8Linear(torch.nn.Module):
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device
+        if (self._fusable and x.is_cpu and x.shape[0] <= self.fused_rows and x.dtype in _FUSED_DTYPES
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            lib = fused_library()
+            if lib is not None:
+                return self._w8a8_fused(lib, x)
         xs = x * self._const("act_scale", torch.float32, dev)  # fp32; the static outlier columns are zero
         y_fp = None
         if self.dynamic:
@@ -172,6 +206,30 @@ class Int8Linear(torch.nn.Module):
         if self.bias is not None:
             y = y + self._const("bias", torch.float32, dev)
         return y.to(x.dtype)
+
+    def _w8a8_fused(self, lib, x: torch.Tensor) -> torch.Tensor:
+        """The decode route on CPU: the whole w8a8 formula in one call of the C++ kernel (module docstring). The
+        layer's constants (the cached float32 ones, the codes, 128 * their row sums) are handed over once."""
+        qw = self._buffers["qweight"]
+        fused = self._cache.get("fused")
+        if fused is None or fused[0] is not qw or fused[1] != qw._version:
+            # first call, or qweight replaced / modified in place: its row sums ("comp") are stale with it
+            self._cache.pop(("comp", torch.int32, x.device), None)
+            dev, f32 = x.device, torch.float32
+            j = self.outlier_idx is not None and self.outlier_idx.numel() > 0
+            layer = cpu_kernels.int8_layer(
+                self._const("act_scale", f32, dev), qw, self._const("comp", torch.int32, dev),
+                self._const("scale_q", f32, dev), self._const("outlier_idx", torch.int64, dev) if j else None,
+                self._const("outlier_w_t", f32, dev) if j else None,
+                self._const("bias", f32, dev) if self.bias is not None else None)
+            fused = self._cache["fused"] = (qw, qw._version, layer)
+        layer = fused[2]
+        x = x.contiguous()
+        m, dt = x.shape[0], _FUSED_DTYPES[x.dtype]
+        y = torch.empty(m, self.out_features, dtype=x.dtype)
+        threads = cpu_kernels.int8_threads(layer[0].N * layer[0].K)
+        lib.moeq_int8_matvec(layer[1], x.data_ptr(), dt, m, y.data_ptr(), dt, threads)
+        return y
 
     def _take_dynamic_outliers(self, x: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features over the threshold in THIS batch leave the int8 GEMM and run in float32 (LLM.int8's

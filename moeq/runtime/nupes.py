@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from moeq.formats import bitpack
 from moeq.kernels import lut as lut_kernels
 from moeq.quant.base import QTensor
+from moeq.quant.nupes import nupes_dequantize
 from moeq.registry import RUNTIMES
 
 TILE_BYTES = 4 << 20           # fallback: float32 weight rows dequantized per step (temporaries stay in L2)
@@ -38,22 +39,6 @@ def kernel_group(bits: int, group_size: int, in_features: int) -> int | None:
     if bits not in lut_kernels.BLOCK or in_features % g or g % lut_kernels.BLOCK[bits]:
         return None
     return g
-
-
-def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, group_size: int) -> torch.Tensor:
-    """codes uint8 [rows, in], scale [rows, n_groups], lut [2^b] -> W float32 [rows, in] = lut[code] * scale
-    (group_size 0: one group per row; else groups of group_size inputs, the last one shorter)."""
-    rows, n = codes.shape
-    w = torch.index_select(lut.float(), 0, codes.reshape(-1).to(torch.int32)).view(rows, n)
-    s = scale.float()
-    if not group_size:
-        return w.mul_(s)
-    full = n // group_size * group_size
-    if full:
-        w[:, :full].view(rows, -1, group_size).mul_(s[:, : full // group_size, None])
-    if full < n:
-        w[:, full:].mul_(s[:, -1:])
-    return w
 
 
 @RUNTIMES.register("nupes")
@@ -102,7 +87,7 @@ class NupesLinear(torch.nn.Module):
         for r0 in range(0, self.out_features, step):
             r1 = min(r0 + step, self.out_features)
             codes = bitpack.unpack(self.qweight[r0:r1], self.bits, self.in_features)
-            out[r0:r1] = dequantize_rows(codes, self.scale[r0:r1], self.lut, self.group_size)
+            out[r0:r1] = nupes_dequantize(codes, self.scale[r0:r1], self.lut, self.group_size)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
