@@ -58,13 +58,18 @@ class Rule(Strict):
     @field_validator("targets")
     @classmethod
     def _selectors(cls, v: list[str]) -> list[str]:
-        for s in v:
-            if s.startswith("re:"):
-                try:
-                    re.compile(s[3:])
-                except re.error as e:
-                    raise ValueError(f"bad pattern {s!r}: {e}") from None
-        return v
+        return check_selectors(v)
+
+
+def check_selectors(v: list[str]) -> list[str]:
+    """``re:`` selectors must compile (a bad pattern is a recipe error, not a crash when the plan is made)."""
+    for s in v:
+        if s.startswith("re:"):
+            try:
+                re.compile(s[3:])
+            except re.error as e:
+                raise ValueError(f"bad pattern {s!r}: {e}") from None
+    return v
 
 
 class Recipe(Strict):
@@ -76,6 +81,11 @@ class Recipe(Strict):
     ignore: list[str] = Field(default_factory=list)
     calibration: Calibration = Field(default_factory=Calibration)
     eval: EvalSpec | None = None
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore(cls, v: list[str]) -> list[str]:
+        return check_selectors(v)
 
     @model_validator(mode="after")
     def _one_form(self):

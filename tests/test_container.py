@@ -77,3 +77,14 @@ def test_commit_waits_for_the_last_group(tmp_path):
     assert sorted(p.name for p in out.glob("model-*.safetensors")) == manifest["shards"]
     assert {n: bool(e["sha256"]) for n, e in manifest["tensors"].items()} == {"a.w": True, "b.w": True, "c.w": True}
     assert tensors_sha256({"x": BIG[1]}) == tensors_sha256({"x": BIG[1].clone()})  # bytes, not storage, are hashed
+
+
+def test_shards_get_the_mode_of_the_other_files(tmp_path):
+    import os
+    import stat
+    out = _write(tmp_path / "o").commit(["a", "b", "c"], {"tool": "t"}, {"model_type": "x"})
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # shards as config.json and moeq.json
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes["config.json"] == 0o666 & ~umask

@@ -57,7 +57,8 @@ def test_cli_eval_with_max_memory(artifact, tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("size,msg", [("1KB", "alone need"), ("lots", "expected a positive size")])
 def test_cli_bad_max_memory_is_one_line(artifact, size, msg):
-    r = CliRunner().invoke(app, ["eval", str(artifact), "--max-memory", size, "--windows", "1", "--no-speed"])
+    r = CliRunner().invoke(app, ["eval", str(artifact), "--max-memory", size, "--windows", "1", "--seqlen", "64",
+                                 "--no-speed"])
     assert r.exit_code == 2
     assert msg in r.output and "Traceback" not in r.output
 

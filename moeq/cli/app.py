@@ -10,9 +10,11 @@ from moeq.cli import eval as eval_cmd
 from moeq.cli import inspect as inspect_cmd
 from moeq.cli import methods as methods_cmd
 from moeq.cli import quantize as quantize_cmd
+from moeq.cli.common import OneLineGroup
 
 app = typer.Typer(
     name="moeq",
+    cls=OneLineGroup,
     rich_markup_mode="rich",
     no_args_is_help=True,
     add_completion=False,
@@ -26,10 +28,23 @@ app.command("methods")(methods_cmd.methods)
 
 
 def main() -> None:
+    quiet_libraries()
+    app()
+
+
+# what other libraries print on their own (progress bars, notices about optional packages) is not moeq's output
+QUIET_LOGGERS = ("transformers", "torchao", "torch.utils._pytree", "accelerate", "huggingface_hub", "datasets")
+
+
+def quiet_libraries() -> None:
+    import logging
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    app()
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own tqdm bars follow this too
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

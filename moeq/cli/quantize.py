@@ -4,13 +4,26 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
-from moeq.cli.common import console, err_console, one_line_errors, write_json
+from moeq.cli.common import (console, err_console, human_bytes, human_count, one_line_errors, options_text,
+                              table, write_json)
 from moeq.errors import MoeqError
 
 
-@one_line_errors
+def _kept(kwargs) -> str:
+    """What an interrupted ``moeq quantize`` leaves (the resume state) and how to go on."""
+    out = Path(kwargs.get("output") or "out/moeq")
+    tmp = out.with_name(f".{out.name}.moeq-tmp")
+    groups = len(list((tmp / "records").glob("*.json"))) if tmp.is_dir() else 0
+    if not groups:
+        partial = f" (partial state in {tmp})" if tmp.is_dir() else ""
+        return f"no finished layer to keep; {out} was not written{partial}"
+    return (f"{groups} finished layer groups kept in {tmp}; run the same command again to resume "
+            f"from there, or add --fresh to discard them")
+
+
+@one_line_errors(on_interrupt=_kept)
 def quantize(
     model: Annotated[Optional[str], typer.Argument(help="zoo name, local HF directory, .gguf file or hub id "
                                                         "[default: tiny-moe, the embedded model]")] = None,
@@ -32,11 +45,26 @@ def quantize(
     dump_recipe: Annotated[bool, typer.Option("--dump-recipe", help="print the resolved recipe (YAML) and exit")] = False,
     workers: Annotated[int, typer.Option(min=1, help="processes (torch.distributed, gloo on CPU); the artifact is "
                                                      "byte-identical to a one-process run")] = 1,
+    fresh: Annotated[bool, typer.Option("--fresh", help="discard the resume state of an interrupted run "
+                                                        "(.<output>.moeq-tmp) and start over")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the summary as JSON ('-' for stdout)")] = None,
 ):
-    """Quantize a model and write a packed, self-describing artifact directory."""
+    """Quantize a model and write a packed, self-describing artifact directory.
+
+    An interrupted run (Ctrl-C, SIGTERM, a crash) keeps its finished layers in [bold].<output>.moeq-tmp[/].
+    The same command resumes there; [bold]--fresh[/] discards them and starts over."""
     import os
     import sys
+
+    from moeq.paths import check_input_file, check_local_spec, check_output_dir, check_output_file
+    # every path first: one line now, not a traceback after the model is loaded
+    check_input_file(recipe, "recipe")
+    check_local_spec(model)
+    if calib_data not in (None, "wiki") and not calib_data.startswith("hf:"):
+        check_input_file(calib_data, "--calib-data")
+    if not dump_recipe:
+        check_output_dir(output)
+        check_output_file(json_out)
 
     from moeq import api
     from moeq.parallel import launch
@@ -59,21 +87,24 @@ def quantize(
             argv = sys.argv[1:i] + sys.argv[i + 2:]
         raise typer.Exit(launch(argv, workers))
     if int(os.environ.get("RANK", "0")) != 0:
-        api.quantize(r, output, reporter=Reporter())
+        api.quantize(r, output, reporter=Reporter(), fresh=fresh)
         return
     with RichReporter(err_console) as rep:
-        res = api.quantize(r, output, reporter=rep)
-    t = Table(title=f"moeq quantize: {r.model or 'tiny-moe'} -> {res['path']}", show_header=False)
-    for rule in r.resolved().rules:
-        t.add_row("rule", f"{', '.join(rule.targets)} -> {rule.method} {rule.options or ''}")
-    t.add_row("quantized tensors", str(res["tensors"]))
-    t.add_row("quantized params", f"{res['quantized_params']:,}")
-    t.add_row("packed bytes", f"{res['quantized_bytes']:,} ({res['bits_per_param']:.3f} bits/param)")
-    t.add_row("kept bytes", f"{res['kept_bytes']:,}")
-    t.add_row("calibration fallbacks", str(res["fallbacks"]) + (f" ({', '.join(res['fallback_names'][:4])}"
-                                                                   f"{', ...' if res['fallbacks'] > 4 else ''})"
-                                                                   if res["fallbacks"] else ""))
-    t.add_row("time", f"{res['seconds']:.1f} s")
+        res = api.quantize(r, output, reporter=rep, fresh=fresh)
+    t = table(f"[bold]moeq quantize[/]: {escape(r.model or 'tiny-moe')} -> {escape(str(res['path']))}",
+              show_header=False)
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")
+    for i, rule in enumerate(r.resolved().rules):
+        t.add_row(f"rule {i}", escape(f"{', '.join(rule.targets)} -> {rule.method} {options_text(rule.options)}"))
+    t.add_row("quantized", f"{res['tensors']} tensors, {human_count(res['quantized_params'])} params -> "
+              f"{human_bytes(res['quantized_bytes'])} ({res['bits_per_param']:.3f} bits/param)")
+    t.add_row("kept", f"{human_bytes(res['kept_bytes'])} (embeddings, norms, routers, head: as stored)")
+    names = f" ({', '.join(res['fallback_names'][:4])}{', ...' if res['fallbacks'] > 4 else ''})"
+    t.add_row("calibration fallbacks", str(res["fallbacks"]) + (escape(names) if res["fallbacks"] else ""))
+    if res.get("resumed_groups"):
+        t.add_row("resumed", f"{res['resumed_groups']} layer groups from an interrupted run")
+    t.add_row("time", f"{res['seconds']:.1f} s (loading included)")
     console.print(t)
     write_json(json_out, res)
 

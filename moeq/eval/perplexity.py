@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from moeq.errors import MoeqError
+
 PROTOCOLS = ("gptq", "llamacpp")
 
 
@@ -37,7 +39,7 @@ def tokenize_windows(tokenizer, text: str, seqlen: int, max_windows: int | None 
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise MoeqError(f"the eval text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     return ids[: n * seqlen].view(n, seqlen)
 
 

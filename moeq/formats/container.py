@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from moeq.errors import ArtifactError
-from moeq.formats.manifest import FORMAT_VERSION, MANIFEST, validate_manifest
+from moeq.formats.manifest import DTYPES, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, validate_manifest
 from moeq.quant.base import SharedTable
 from moeq.registry import CODECS
 
@@ -51,8 +52,9 @@ class ArtifactWriter:
     key refuses to mix.
     """
 
-    def __init__(self, out: str | os.PathLike, run_key: str = "", join: bool = False):
-        """``join``: attach to the run another process (rank 0) created, never creating or deleting anything."""
+    def __init__(self, out: str | os.PathLike, run_key: str = "", join: bool = False, fresh: bool = False):
+        """``join``: attach to the run another process (rank 0) created, never creating or deleting anything.
+        ``fresh``: discard an interrupted run's state instead of resuming it."""
         self.out = Path(out)
         check_output_free(self.out)
         self.tmp = self.out.with_name(f".{self.out.name}.moeq-tmp")
@@ -60,11 +62,13 @@ class ArtifactWriter:
         self._pending: Future | None = None  # the group being written in the background
         self._pool: ThreadPoolExecutor | None = None
         run = {"run_key": run_key}
+        if fresh and not join and self.tmp.exists():
+            shutil.rmtree(self.tmp)
         if join or (self.tmp.exists() and (self.tmp / "run.json").is_file()):
             prev = json.loads((self.tmp / "run.json").read_text())
             if prev.get("run_key") != run_key:
                 raise ArtifactError(f"{self.tmp} holds an unfinished run with a different model or recipe; refusing "
-                                    f"to mix them (delete it to start over, or re-run the original command)")
+                                    f"to mix them (add --fresh to discard it, or re-run the original command)")
             self.refresh(drop_parts=not join)
         else:
             if self.tmp.exists():
@@ -205,6 +209,7 @@ class ArtifactWriter:
             info["sha256"] = tensors_sha256(tensors)
         # one metadata key only: safetensors writes the map in random order, and resumed runs must be byte-identical
         save_file(buf, str(self.tmp / rec["shard"]), metadata={"format": "pt"})
+        os.chmod(self.tmp / rec["shard"], file_mode())  # safetensors creates it 0600; the rest of the artifact is not
         _atomic_write(self.tmp / "records" / f"{rec['label']}.json", json.dumps(rec, sort_keys=True))
         self._records[rec["label"]] = rec
 
@@ -238,12 +243,30 @@ class ArtifactWriter:
         os.replace(self.tmp, self.out)
         return self.out
 
+    def settle(self) -> None:
+        """Wait for the group being written in the background, whatever its outcome (an interrupted run keeps
+        what is finished; a failed write left no record, so a resumed run redoes that group)."""
+        if self._pending is not None:
+            self._pending.exception()
+            self._pending = None
+
     def abort(self) -> None:
         """Drop everything (errors in the user's input). A crash or kill keeps the temp dir for resuming."""
-        if self._pending is not None:
-            self._pending.exception()  # wait for the background write (whatever it failed with no longer matters)
-            self._pending = None
+        self.settle()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def file_mode() -> int:
+    """The mode a new file gets here (0666 less the umask): what config.json and the manifest get."""
+    global _FILE_MODE
+    if _FILE_MODE is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        _FILE_MODE = 0o666 & ~umask
+    return _FILE_MODE
+
+
+_FILE_MODE: int | None = None
 
 
 def check_output_free(out: Path) -> None:
@@ -287,30 +310,106 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# safetensors' dtype names -> the manifest's (torch) names
+ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+             "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+             "F8_E5M2": "float8_e5m2"}
+
+
+def check_artifact_files(root: Path) -> None:
+    """Nothing in the artifact directory may lead outside it or block a reader: every entry is a regular file or
+    a directory, and a symlink must resolve to one inside the directory."""
+    base = root.resolve()
+    for p in root.iterdir():
+        if p.is_symlink():
+            target = p.resolve()
+            if not target.is_relative_to(base):
+                raise ArtifactError(f"{p}: a symlink leading outside the artifact ({target}); refusing to follow it")
+        if p.exists() and not (p.is_file() or p.is_dir()):
+            raise ArtifactError(f"{p}: not a regular file (a device, socket or FIFO); refusing to read it")
+
+
+def artifact_file(root: Path, name: str, what: str) -> Path:
+    """``root / name`` where ``name`` is a plain file name of a regular file inside ``root`` (symlinks included)."""
+    p = root / name
+    if name != Path(name).name or name in ("", ".", ".."):
+        raise ArtifactError(f"{root}: {what} {name!r} is not a plain file name inside the artifact")
+    if not p.resolve().is_relative_to(root.resolve()):
+        raise ArtifactError(f"{p}: {what} leads outside the artifact")
+    if not p.is_file():
+        raise ArtifactError(f"{p}: {what} missing" if not p.exists() else f"{p}: {what} is not a regular file")
+    return p
+
+
 class ArtifactReader:
-    """Read-only view of an artifact; tensors are read lazily, one entry at a time, and checksummed."""
+    """Read-only view of an artifact; tensors are read lazily, one entry at a time, and checksummed.
+
+    Artifacts are untrusted input: opening one validates, before any tensor is read, the manifest (schema and
+    cross-references, ``validate_manifest``), the directory (no symlink leaving it, no special files) and every
+    shard's safetensors header against the manifest (each listed tensor present with the dtype, shape and byte
+    count the manifest declares, nothing unlisted; safetensors itself checks the offsets against the file size).
+    Every error is one ``ArtifactError`` naming the file and the field."""
 
     def __init__(self, path: str | os.PathLike):
+        from moeq.registry import load_builtins
+        load_builtins()
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if not self.path.is_dir():
-            raise ArtifactError(f"{self.path}: no such artifact directory")
-        if not mpath.is_file():
+            raise ArtifactError(f"{self.path}: no such artifact directory" if not self.path.exists()
+                                else f"{self.path}: not a directory (an artifact is a directory)")
+        if not mpath.exists() and not mpath.is_symlink():
             raise ArtifactError(f"{self.path}: not a moeq artifact (no {MANIFEST})")
+        check_artifact_files(self.path)
+        artifact_file(self.path, MANIFEST, "manifest")
+        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{mpath}: manifest is {mpath.stat().st_size:,} bytes, over the "
+                                f"{MAX_MANIFEST_BYTES:,} a manifest may have")
         try:
-            data = json.loads(mpath.read_text())
+            data = json.loads(mpath.read_bytes().decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{mpath}: manifest is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        except RecursionError:
+            raise ArtifactError(f"{mpath}: manifest is nested too deeply") from None
         self.manifest = validate_manifest(data, str(mpath))
-        for name, e in self.manifest["tensors"].items():
-            codec = e.get("codec")
-            if codec not in CODECS:
-                raise ArtifactError(f"{name}: unknown codec {codec!r} (known: {', '.join(CODECS)}); "
-                                    "written by a newer or different moeq?")
-            if e.get("codec_version") not in CODECS.get(codec).readable_versions:
-                raise ArtifactError(f"{name}: codec {codec} version {e.get('codec_version')!r} is not supported "
-                                    f"(this moeq reads {CODECS.get(codec).readable_versions})")
         self._handles: dict[str, Any] = {}
+        self.check_shards()
+
+    def check_shards(self) -> None:
+        """Each shard's header against the manifest (see the class docstring); the handles stay open for reading."""
+        expected: dict[str, dict[str, tuple[str, dict]]] = {s: {} for s in self.manifest["shards"]}
+        for section in ("tensors", "kept", "shared"):
+            for name, e in self.manifest[section].items():
+                for part in e.get("parts", [None]):
+                    expected[e["shard"]][name if part is None else f"{name}.{part}"] = (f"{section}.{name}", e)
+        for shard, want in expected.items():
+            path = artifact_file(self.path, shard, "shard")
+            h = self._shard(shard)
+            where = f"{path}"
+            have = set(h.keys())
+            missing = sorted(set(want) - have)
+            if missing:
+                raise ArtifactError(f"{where}: lacks tensor {missing[0]!r} that the manifest's "
+                                    f"{want[missing[0]][0]} lists")
+            extra = sorted(have - set(want))
+            if extra:
+                raise ArtifactError(f"{where}: holds tensor {extra[0]!r} that the manifest does not list")
+            sizes: dict[str, int] = {}
+            for k, (field, e) in want.items():
+                sl = h.get_slice(k)
+                dtype, shape = ST_DTYPES.get(sl.get_dtype()), list(sl.get_shape())
+                if dtype is None:
+                    raise ArtifactError(f"{where}: tensor {k!r} has dtype {sl.get_dtype()}, which moeq never writes")
+                if field.startswith("kept.") and (dtype != e["dtype"] or shape != e["shape"]):
+                    raise ArtifactError(f"{where}: tensor {k!r} is {dtype} {shape}, but the manifest's {field} says "
+                                        f"{e['dtype']} {e['shape']}")
+                sizes[field] = sizes.get(field, 0) + DTYPES[dtype] * math.prod(shape)
+            for field, n in sizes.items():
+                section, _, name = field.partition(".")
+                e = self.manifest[section][name]
+                if n != e["bytes"]:
+                    raise ArtifactError(f"{where}: the tensors of {field} hold {n:,} bytes, the manifest says "
+                                        f"{e['bytes']:,}")
 
     @classmethod
     def from_parts(cls, path: Path, manifest: dict[str, Any]) -> "ArtifactReader":
@@ -338,7 +437,7 @@ class ArtifactReader:
                 raise ArtifactError(f"{p}: shard missing")
             try:
                 h = safe_open(str(p), framework="pt")
-            except Exception as e:  # safetensors raises its own error type for any malformed file
+            except (SafetensorError, OSError) as e:  # safetensors' own error for a malformed header or size
                 raise ArtifactError(f"{p}: shard is corrupt or truncated ({str(e).splitlines()[0][:120]})") from None
             self._handles[name] = h
         return h
@@ -348,21 +447,21 @@ class ArtifactReader:
             return self._shard(shard).get_tensor(key)
         except ArtifactError:
             raise
-        except Exception as e:
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ArtifactError(f"{self.path / shard}: cannot read {key} ({str(e).splitlines()[0][:120]})") from None
 
     def read_packed(self, name: str) -> dict[str, torch.Tensor]:
         e = self.tensors[name]
         parts = {k: self._get(e["shard"], f"{name}.{k}") for k in e["parts"]}
         if tensors_sha256(parts) != e["sha256"]:
-            raise ArtifactError(f"{name}: checksum mismatch in {e['shard']} (artifact corrupt)")
+            raise ArtifactError(f"{self.path / e['shard']}: {name}: checksum mismatch (artifact corrupt)")
         return parts
 
     def read_kept(self, name: str) -> torch.Tensor:
         e = self.kept[name]
         t = self._get(e["shard"], name)
         if tensors_sha256({name: t}) != e["sha256"]:
-            raise ArtifactError(f"{name}: checksum mismatch in {e['shard']} (artifact corrupt)")
+            raise ArtifactError(f"{self.path / e['shard']}: {name}: checksum mismatch (artifact corrupt)")
         return t
 
     @property
@@ -375,5 +474,5 @@ class ArtifactReader:
         e = self.shared[name]
         parts = {k: self._get(e["shard"], f"{name}.{k}") for k in e["parts"]}
         if tensors_sha256(parts) != e["sha256"]:
-            raise ArtifactError(f"{name}: checksum mismatch in {e['shard']} (artifact corrupt)")
+            raise ArtifactError(f"{self.path / e['shard']}: {name}: checksum mismatch (artifact corrupt)")
         return SharedTable(name, parts, dict(e.get("meta", {})))

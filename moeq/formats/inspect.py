@@ -12,20 +12,25 @@ from moeq.registry import load_builtins
 
 def inspect(path: str | Path) -> dict[str, Any]:
     """Manifest summary: the rules, per module type and method, per expert (routed tokens, fallbacks), totals."""
+    from moeq.formats.config import read_config
     load_builtins()
-    m = ArtifactReader(path).manifest
+    reader = ArtifactReader(path)  # the manifest and the shard headers, validated
+    reader.close()
+    read_config(Path(path))        # and the config, on its own
+    m = reader.manifest
     kinds: dict[str, dict] = {}
     experts: dict[str, dict] = {}
     for name, e in m["tensors"].items():
         n = math.prod(e["shape"])
-        k = kinds.setdefault(f"{e['kind']}|{e['method']}", {"kind": e["kind"], "method": e["method"], "tensors": 0,
-                                                            "params": 0, "bytes": 0, "codec": e["codec"]})
+        k = kinds.setdefault(f"{e['kind']}|{e['method']}", {"kind": e["kind"], "role": e["role"], "method": e["method"],
+                                                            "tensors": 0, "params": 0, "bytes": 0, "codec": e["codec"]})
         k["tensors"] += 1
         k["params"] += n
         k["bytes"] += e["bytes"]
         if e["expert"] is not None:
             key = f"{e['module']}[{e['expert']}]"
-            x = experts.setdefault(key, {"module": e["module"], "expert": e["expert"], "method": e["method"],
+            x = experts.setdefault(key, {"module": e["module"], "layer": layer_index(e["module"]),
+                                         "expert": e["expert"], "method": e["method"],
                                          "params": 0, "bytes": 0, "codec": e["codec"], "calib_tokens": None,
                                          "gate_prob": None, "fallback": None})
             x["params"] += n
@@ -41,3 +46,11 @@ def inspect(path: str | Path) -> dict[str, Any]:
             "kinds": dict(sorted(kinds.items())), "experts": experts,
             "shared": {n: {"bytes": e["bytes"], "parts": e["parts"]} for n, e in m["shared"].items()},
             "kept": {n: {"dtype": e["dtype"], "bytes": e["bytes"]} for n, e in m["kept"].items()}}
+
+
+def layer_index(module: str) -> int | None:
+    """The decoder layer a module belongs to: the first number in its name (``model.layers.3.mlp.experts`` -> 3)."""
+    for p in module.split("."):
+        if p.isdigit():
+            return int(p)
+    return None

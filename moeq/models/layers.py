@@ -106,11 +106,16 @@ def _to(obj, device):
     return obj
 
 
-def run_layer(layer: nn.Module, inputs: Activations, collect: bool = True, device: str = "cpu") -> Activations | None:
+def run_layer(layer: nn.Module, inputs: Activations, collect: bool = True, device: str = "cpu",
+              progress=None) -> Activations | None:
     """Apply ``layer`` to each captured call; with ``collect`` return the inputs of the next layer (kept on the
-    CPU). ``device``: where the layer runs (the layer must be there; each batch is moved there and back)."""
+    CPU). ``device``: where the layer runs (the layer must be there; each batch is moved there and back).
+    ``progress(done, total)`` is called after each batch."""
     out = Activations(inputs.cap) if collect else None
-    for args, kwargs in inputs:
+    total = len(inputs.items)
+    for i, (args, kwargs) in enumerate(inputs):
+        if progress is not None:
+            progress(i, total)
         if device != "cpu":
             args, kwargs = _to(args, device), _to(kwargs, device)
         y = layer(*args, **kwargs)

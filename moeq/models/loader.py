@@ -71,8 +71,8 @@ def resolve(spec: str | None) -> ModelSource:
         if p.suffix == ".gguf":
             return ModelSource(spec, p.parent, gguf_file=p.name)
         raise ModelLoadError(f"{p}: not a model (expected a directory with config.json or a .gguf file)")
-    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") != 1 or os.sep + os.sep in spec
-    if looks_local:
+    from moeq.paths import looks_local
+    if spec.count("/") != 1 or looks_local(spec):
         raise ModelLoadError(f"{spec}: no such model file or directory, and not a zoo name; {OFFLINE_HINT}")
     return ModelSource(spec, None, hub_id=spec)
 
@@ -154,10 +154,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def hub_unreachable(hub_id: str) -> str:
+    return (f"{hub_id}: no such local file or directory, and the Hugging Face hub (for a hub id) is not reachable; "
+            f"{OFFLINE_HINT}")
+
+
 def load_config(src: ModelSource):
     from transformers import AutoConfig
     if src.hub_id and not hub_reachable():
-        raise ModelLoadError(f"{src.hub_id}: the Hugging Face hub is not reachable; {OFFLINE_HINT}")
+        raise ModelLoadError(hub_unreachable(src.hub_id))
     try:
         return AutoConfig.from_pretrained(str(src.path) if src.path else src.hub_id,
                                           **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
@@ -174,7 +179,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src = resolve(spec)
     if src.hub_id and not hub_reachable():
-        raise ModelLoadError(f"{src.hub_id}: the Hugging Face hub is not reachable; {OFFLINE_HINT}")
+        raise ModelLoadError(hub_unreachable(src.hub_id))
     folder, temp = None, False
     if max_memory is not None:
         from moeq.models.offload import load_float_offloaded, offload_folder, remove_with

@@ -12,21 +12,31 @@ from moeq.progress import Reporter, peak_rss_mb
 from moeq.recipes import EvalSpec
 from moeq.formats.container import ArtifactReader
 from moeq.registry import load_builtins
-from moeq.runtime.load import is_artifact, load_any, resolve_dtype
+from moeq.runtime.load import is_artifact, load_any, model_context, resolve_dtype
 
 def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = EvalSpec(), speed: bool = True,
              reporter: Reporter = Reporter(), max_memory: int | None = None, use_baseline: bool = True,
-             dtype: str | torch.dtype = "auto") -> dict[str, Any]:
+             dtype: str | torch.dtype = "auto", allow_long_context: bool = False) -> dict[str, Any]:
     """Perplexity (+ mean KL and ppl ratio against ``baseline`` measured in the same run), speed, memory.
     ``dtype``: the compute dtype of ``target`` (``auto``: the checkpoint's, bfloat16 where that is float32); the
     baseline computes in the same one. ``max_memory`` (bytes, per model): models larger than that are placed with
-    accelerate and partly run from disk (see ``load``)."""
+    accelerate and partly run from disk (see ``load``). A ``spec.seqlen`` beyond the model's context (its config's
+    ``max_position_embeddings``) is refused before anything is loaded, or with ``allow_long_context`` reported
+    in the result (``long_context``) and logged."""
     from moeq.data.corpus import load_text
     from moeq.eval.perplexity import perplexity, tokenize_windows
     from moeq.eval.speed import measure_speed
 
     from moeq.models.stream import trim_heap
     dtype = resolve_dtype(target, dtype)
+    context = model_context(target)
+    long_context = context is not None and spec.seqlen > context
+    if long_context and not allow_long_context:
+        raise MoeqError(f"--seqlen {spec.seqlen} is beyond the model's context of {context} tokens "
+                        f"(max_position_embeddings); use --seqlen {context} or less, or --allow-long-context")
+    if long_context:
+        reporter.log(f"warning: --seqlen {spec.seqlen} is beyond the model's context of {context} tokens: "
+                     "positions past it were never trained, so the perplexity says little")
     if not use_baseline:
         baseline = None
     elif baseline is None and target is not None and is_artifact(target):
@@ -44,7 +54,8 @@ def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = E
         raise MoeqError(f"{target}: no tokenizer files; cannot evaluate text perplexity")
     windows = tokenize_windows(tok, load_text(spec.corpus, "eval"), spec.seqlen, spec.windows)
     result: dict[str, Any] = {"model": target, "baseline": baseline, "corpus": spec.corpus,
-                              "dtype": str(dtype).removeprefix("torch."), "load_seconds": round(load_s, 2)}
+                              "dtype": str(dtype).removeprefix("torch."), "load_seconds": round(load_s, 2),
+                              "context": context, "long_context": long_context}
     with reporter.task("perplexity" + (" + baseline, KL" if base is not None else ""), windows.shape[0]) as task:
         def advance(n: int) -> None:  # freed forward temporaries back to the OS after each batch: glibc keeps
             task.advance(n)            # them per thread arena otherwise (+250-600 MB of peak RSS on SmolLM2)

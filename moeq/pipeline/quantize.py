@@ -19,17 +19,25 @@ from moeq.progress import Reporter
 from moeq.recipes import Recipe
 
 
-def quantize(recipe: Recipe, out: str | Path, reporter: Reporter = Reporter()) -> dict[str, Any]:
+def quantize(recipe: Recipe, out: str | Path, reporter: Reporter = Reporter(), fresh: bool = False) -> dict[str, Any]:
     """Quantize ``recipe.model`` as the recipe's rules say and write the artifact to ``out``.
 
     A local safetensors model is streamed: built on the meta device and read one decoder layer at a time from
-    its shards. GGUF files and hub ids are loaded whole (their readers need it), then processed the same way."""
-    from moeq.models.loader import load_config, load_model, load_tokenizer, resolve
+    its shards. GGUF files and hub ids are loaded whole (their readers need it), then processed the same way.
+    ``fresh`` discards the resume state of an interrupted run instead of continuing it. The result's
+    ``seconds`` count from here: loading included."""
+    from moeq.errors import ModelLoadError
+    from moeq.models.loader import hub_reachable, hub_unreachable, load_config, load_model, load_tokenizer, resolve
     from moeq.models.stream import CheckpointReader, bound_heap, build_empty
+    from moeq.paths import check_output_dir
+    t0 = time.perf_counter()
     recipe.methods()  # bad methods and options fail before any loading
+    check_output_dir(out)
     check_output_free(Path(out))
     check_device(recipe.calibration.device)
     src = resolve(recipe.model)  # a bad path fails here, before any progress display
+    if src.hub_id and not hub_reachable():
+        raise ModelLoadError(hub_unreachable(src.hub_id))
     if src.path is not None and src.gguf_file is None:
         config = load_config(src)
         model, tok = build_empty(config), load_tokenizer(src)
@@ -39,9 +47,15 @@ def quantize(recipe: Recipe, out: str | Path, reporter: Reporter = Reporter()) -
         with reporter.task("load model", None):
             model, tok, src = load_model(recipe.model)
         reader = None
-    calib = calibration_ids(tok, recipe) if recipe.needs_calibration() else None
-    return quantize_model(model, out, recipe, tokenizer=tok, source=src.spec, calib_ids=calib, reporter=reporter,
-                          reader=reader)
+    calib = None
+    if recipe.needs_calibration():
+        with reporter.task(f"calibration tokens ({recipe.calibration.source})", None):
+            calib = calibration_ids(tok, recipe)
+    res = quantize_model(model, out, recipe, tokenizer=tok, source=src.spec, calib_ids=calib, reporter=reporter,
+                         reader=reader, fresh=fresh)
+    if "seconds" in res:
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+    return res
 
 
 def check_device(device: str) -> None:
@@ -67,14 +81,15 @@ def calibration_ids(tokenizer, recipe: Recipe) -> torch.Tensor:
 @torch.no_grad()
 def quantize_model(model, out: str | Path, recipe: Recipe, tokenizer=None, source: str | None = None,
                    calib_ids: torch.Tensor | None = None, reporter: Reporter = Reporter(),
-                   reader=None) -> dict[str, Any]:
+                   reader=None, fresh: bool = False) -> dict[str, Any]:
     """Quantize decoder layer by decoder layer and write the artifact.
 
     ``reader`` None: ``model`` is in memory and is left running the packed weights. With a
     ``CheckpointReader``, ``model`` is a meta-device skeleton: each group is read from the shards, processed,
     written and released, so peak memory is one layer plus the calibration activations.
     With ``calib_ids`` every layer is calibrated on the outputs of the already-quantized layers before it.
-    An interrupted run leaves its finished layers in ``.<out>.moeq-tmp``; the same command resumes there."""
+    An interrupted run leaves its finished layers in ``.<out>.moeq-tmp``; the same command resumes there
+    (``fresh`` discards them)."""
     from moeq.parallel import from_env
     plan = Plan(recipe, find_targets(model))
     if not plan.calibrated:
@@ -86,7 +101,7 @@ def quantize_model(model, out: str | Path, recipe: Recipe, tokenizer=None, sourc
     writer = None
     if dist.main:
         try:
-            writer = ArtifactWriter(Path(out), key)
+            writer = ArtifactWriter(Path(out), key, fresh=fresh)
         except MoeqError as e:
             err = str(e)
     err = dist.broadcast(err)
@@ -112,6 +127,9 @@ def quantize_model(model, out: str | Path, recipe: Recipe, tokenizer=None, sourc
     except MoeqError:
         if dist.main:
             writer.abort()
+        raise
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the group being written is finished, so it is kept
+        writer.settle()
         raise
     return {"path": str(path), **manifest["totals"], "seconds": round(time.perf_counter() - t0, 2),
             "resumed_groups": len(writer.resumed), "workers": dist.world,

@@ -260,8 +260,12 @@ class Run:
 
     def _forward(self, g: Group, layer, collect: bool, col: Collector | None = None):
         """One pass of the calibration inputs through ``layer`` (feeding ``col``); its outputs with ``collect``."""
+        what = "calibrate" if col is not None else "forward"
+
+        def progress(done: int, total: int) -> None:  # within the layer: batches of the calibration inputs
+            self.task.advance(0, layer=g.label, **{what: f"{done}/{total}"})
         with observing(layer.to(self.device), col, prefix=g.prefix) if col is not None else nullcontext():
-            out = run_layer(layer, self.inputs, collect=collect, device=self.device)
+            out = run_layer(layer, self.inputs, collect=collect, device=self.device, progress=progress)
         layer.to("cpu")
         return out
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from moeq.errors import ArtifactError
 from moeq.formats.container import ArtifactReader
+from moeq.formats.manifest import MANIFEST
 from moeq.models.adapter import Target
 from moeq.quant.base import QTensor, SharedTable
 from moeq.registry import CODECS, QUANTIZERS, RUNTIMES
@@ -44,9 +46,7 @@ def packed_modules(reader: ArtifactReader, shard: str | None = None) -> dict[Tar
     for name, e in reader.tensors.items():
         if shard is not None and e["shard"] != shard:
             continue
-        codec = CODECS.get(e["codec"])()
-        q = codec.decode(reader.read_packed(name), e.get("meta", {}), tuple(e["shape"]), e["codec_version"])
-        q.shared = tuple(e.get("shared", ()))  # the tables the entry references (the manifest, not the codec, says)
+        parts = reader.read_packed(name)  # checksummed
         for s in e.get("shared", []):
             if s not in tables:
                 tables[s] = reader.read_shared(s)
@@ -54,6 +54,17 @@ def packed_modules(reader: ArtifactReader, shard: str | None = None) -> dict[Tar
         if e.get("bias") and e["bias"] in reader.kept:
             b = reader.read_kept(e["bias"])
             bias = b if e["expert"] is None else b[e["expert"]]
-        modules[entry_target(name, e)] = runtime_module(e["codec"], q, bias, {s: tables[s] for s in e.get("shared", [])},
-                                                        e["method"])
+        try:
+            codec = CODECS.get(e["codec"])()
+            q = codec.decode(parts, e.get("meta", {}), tuple(e["shape"]), e["codec_version"])
+            q.shared = tuple(e.get("shared", ()))  # the tables the entry references (the manifest, not the codec)
+            modules[entry_target(name, e)] = runtime_module(e["codec"], q, bias,
+                                                            {s: tables[s] for s in e.get("shared", [])}, e["method"])
+        except ArtifactError as err:  # a codec's own check: say which entry of which artifact
+            raise ArtifactError(f"{reader.path / MANIFEST}: tensors.{name} ({e['codec']}): {err}") from None
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, ZeroDivisionError) as err:
+            # the manifest's meta (not checksummed) disagrees with the parts in a way the codec did not foresee
+            msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise ArtifactError(f"{reader.path / MANIFEST}: tensors.{name}: the {e['codec']} parts and meta do "
+                                f"not decode ({type(err).__name__}: {msg})") from None
     return modules

@@ -4,7 +4,6 @@ accelerate's disk offload for artifacts larger than memory."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -62,30 +61,20 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: str | torch.d
     ``offload_dir`` (a temp dir by default, removed with the model) and each offloaded layer is read back from
     disk for its forward (``accelerate.dispatch_model``, disk offload)."""
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoTokenizer
 
-    from moeq.models.stream import build_empty, set_alias
+    from moeq.formats.config import build_config, build_skeleton, check_fits, read_config
+    from moeq.models.stream import set_alias
 
     load_builtins()
-    reader = ArtifactReader(path)
-    cfg_path = Path(path) / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise ArtifactError(f"{cfg_path}: missing or not valid JSON") from None
-    qc = cfg.pop("quantization_config", None) or {}
-    if qc.get("quant_method") != "moeq":
-        raise ArtifactError(f"{path}: config.json has no moeq quantization_config")
-    model_type = cfg.pop("model_type", None)
+    reader = ArtifactReader(path)  # manifest and shard headers validated here, before any tensor is read
+    model_type, cfg = read_config(Path(path))
     dtype = compute_dtype(dtype, recorded_dtype(cfg))
-    try:
-        config = AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError) as e:
-        raise ArtifactError(f"{path}: unsupported model type {model_type!r} ({e})") from None
-    model = build_empty(config)
+    config = build_config(Path(path), model_type, cfg, reader.manifest)
+    model = build_skeleton(Path(path), config)
+    check_fits(model, reader.manifest, str(Path(path) / MANIFEST))
     off = Offload(model, _artifact_sizes(reader, dtype), max_memory, offload_dir) if max_memory is not None else None
     shards = reader.manifest.get("shards") or sorted({e["shard"] for e in (*reader.tensors.values(), *reader.kept.values())})
-    label = f"load ({len(off.disk)} layers offloaded to disk)" if off and off.disk else "load"
+    label = f"load {Path(path).name}" + (f" ({len(off.disk)} layers offloaded to disk)" if off and off.disk else "")
     with reporter.task(label, len(shards)) as task:
         for shard in shards:  # one group (embeddings / a decoder layer / head) at a time
             kept = [n for n, e in reader.kept.items() if e["shard"] == shard]
@@ -96,7 +85,7 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: str | torch.d
             modules = packed_modules(reader, shard=shard)
             try:
                 install_packed(model, modules)
-            except (AttributeError, ValueError) as err:
+            except (AttributeError, ValueError, KeyError) as err:
                 raise ArtifactError(f"{path}: packed tensors do not fit the model ({err})") from None
             reader.close()
             if off is not None:
@@ -114,8 +103,20 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: str | torch.d
     if dtype is not None:
         model.config.dtype = dtype  # what generate() and the KV cache read
     model.eval()
-    tok = AutoTokenizer.from_pretrained(str(path)) if (Path(path) / "tokenizer_config.json").is_file() else None
-    return model, tok, reader
+    return model, load_tokenizer(Path(path)), reader
+
+
+def load_tokenizer(path: Path):
+    """The artifact's tokenizer (local files only, no code: transformers refuses ``auto_map`` without
+    ``trust_remote_code``), None when it has none; a broken one is an ArtifactError."""
+    from transformers import AutoTokenizer
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError, RecursionError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ArtifactError(f"{path}: the tokenizer files cannot be loaded ({msg})") from None
 
 
 def _artifact_sizes(reader: ArtifactReader, dtype):
@@ -134,11 +135,8 @@ def resolve_dtype(spec: str | None, dtype: str | torch.dtype | None) -> torch.dt
     if dtype != "auto":
         return compute_dtype(dtype)
     if spec is not None and is_artifact(spec):
-        try:
-            cfg = json.loads((Path(spec) / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            raise ArtifactError(f"{Path(spec) / 'config.json'}: missing or not valid JSON") from None
-        return compute_dtype(dtype, recorded_dtype(cfg))
+        from moeq.formats.config import read_config
+        return compute_dtype(dtype, recorded_dtype(read_config(Path(spec))[1]))
     from moeq.models.loader import load_config, resolve
     return compute_dtype(dtype, recorded_dtype(load_config(resolve(spec))))
 
@@ -156,3 +154,22 @@ def load_any(spec: str | None, reporter: Reporter = Reporter(), max_memory: int 
     with reporter.task(f"load {spec or 'default model'}", None):
         model, tok, _ = load_model(spec, dtype=compute_dtype(dtype), max_memory=max_memory)
     return model, tok, None
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def model_context(spec: str | None) -> int | None:
+    """The longest sequence the model ``spec`` (artifact or any model spec) was built for, from its config
+    (``max_position_embeddings`` or an equivalent), without loading weights; None when the config sets none."""
+    if spec is not None and is_artifact(spec):
+        from moeq.formats.config import read_config
+        cfg = read_config(Path(spec))[1]
+    else:
+        from moeq.models.loader import load_config, resolve
+        cfg = load_config(resolve(spec)).to_dict()
+    for key in CONTEXT_KEYS:
+        v = cfg.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None

@@ -11,6 +11,8 @@ meta: mode ("w8a8" | "weight_only"), threshold (float), act_group (int)
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moeq.formats.codec import Codec
@@ -36,14 +38,24 @@ class Int8RowsCodec(Codec):
         e = self.expect
         e(set(parts) >= {"qweight", "scale"} and set(parts) <= {"qweight", "scale", *_OPTIONAL}, f"parts {sorted(parts)}")
         e(parts["qweight"].dtype == torch.int8 and tuple(parts["qweight"].shape) == (out_f, in_f), "qweight shape/dtype")
-        e(tuple(parts["scale"].shape) == (out_f,), "scale shape")
+        e(tuple(parts["scale"].shape) == (out_f,) and parts["scale"].is_floating_point(), "scale shape/dtype")
         if "smooth" in parts:
-            e(tuple(parts["smooth"].shape) == (in_f,), "smooth shape")
+            e(tuple(parts["smooth"].shape) == (in_f,) and parts["smooth"].is_floating_point(), "smooth shape/dtype")
         e(("outlier_idx" in parts) == ("outlier_w" in parts), "outlier_idx without outlier_w")
         if "outlier_idx" in parts:
             k = parts["outlier_idx"].numel()
-            e(tuple(parts["outlier_w"].shape) == (out_f, k), "outlier_w shape")
-            e(k == 0 or int(parts["outlier_idx"].max()) < in_f, "outlier index out of range")
-        e(meta.get("mode") in ("w8a8", "weight_only"), f"mode {meta.get('mode')!r}")
+            e(tuple(parts["outlier_w"].shape) == (out_f, k) and parts["outlier_w"].is_floating_point(),
+              "outlier_w shape/dtype")
+            e(parts["outlier_idx"].dtype in (torch.int32, torch.int64) and parts["outlier_idx"].dim() == 1,
+              "outlier_idx dtype/shape")
+            e(k == 0 or 0 <= int(parts["outlier_idx"].min()) <= int(parts["outlier_idx"].max()) < in_f,
+              "outlier index out of range")
+        e(set(meta) == {"mode", "threshold", "act_group"}, f"meta keys {sorted(meta)}")
+        e(meta["mode"] in ("w8a8", "weight_only"), f"mode {meta['mode']!r}")
+        thr, g = meta["threshold"], meta["act_group"]
+        e(isinstance(thr, (int, float)) and not isinstance(thr, bool) and math.isfinite(thr) and thr >= 0,
+          f"threshold {thr!r}")
+        e(isinstance(g, int) and not isinstance(g, bool) and g >= 0 and (g == 0 or in_f % g == 0),
+          f"act_group {g!r} (must divide in_features {in_f})")
         return QTensor((out_f, in_f), dict(parts),
                        {"mode": meta["mode"], "threshold": float(meta["threshold"]), "act_group": int(meta["act_group"])})
