@@ -113,10 +113,10 @@ class _LutQuantizer(Quantizer):
 class _LutCodec:
     name, version, readable_versions = "test-lut-codes", 1, (1,)
 
-    def encode(self, q):
+    def encode(self, q, shared=None):
         return {"codes": q.tensors["codes"]}, {}
 
-    def decode(self, parts, meta, shape, version):
+    def decode(self, parts, meta, shape, version, shared=None):
         return QTensor(shape, dict(parts), {})
 
 

@@ -1,7 +1,9 @@
 """The codec interface: a lossless mapping between a ``QTensor`` and named storage tensors + scalar metadata.
 
 Every codec has a ``name`` and an integer ``version``; an artifact records both per tensor and a loader refuses
-names that are not registered and versions the codec does not read."""
+names that are not registered and versions the codec does not read. ``shared``: the shared tables the entry
+references (``QTensor.shared``, by name), for codecs whose code lives partly in them (``uses_shared``: a
+dictionary stored once per layer); the others ignore it."""
 
 from __future__ import annotations
 
@@ -10,19 +12,21 @@ from typing import Any, ClassVar
 import torch
 
 from moeq.errors import ArtifactError
-from moeq.quant.base import QTensor
+from moeq.quant.base import QTensor, SharedTable
 
 
 class Codec:
     name: ClassVar[str]
     version: ClassVar[int]
     readable_versions: ClassVar[tuple[int, ...]]
+    uses_shared: ClassVar[bool] = False
 
-    def encode(self, q: QTensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def encode(self, q: QTensor, shared: dict[str, SharedTable] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise NotImplementedError
 
     def decode(self, parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tuple[int, int],
-               version: int) -> QTensor:
+               version: int, shared: dict[str, SharedTable] | None = None) -> QTensor:
         raise NotImplementedError
 
     @staticmethod

@@ -353,7 +353,7 @@ class Run:
     def _write_entry(self, t: Target, q: QTensor, s: Stats | None, tables) -> torch.nn.Module:
         a = self.plan[t]
         codec = CODECS.get(a.codec)()
-        parts, meta = codec.encode(q)
+        parts, meta = codec.encode(q, {n: tables[n] for n in q.shared})
         info = entry_info(t, parts, target_weight(self.model, t).dtype, self.dtypes)
         info.update(rule=a.rule, method=a.method, options=a.options(), meta=meta, shared=list(q.shared))
         if q.info:

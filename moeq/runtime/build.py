@@ -56,7 +56,8 @@ def packed_modules(reader: ArtifactReader, shard: str | None = None) -> dict[Tar
             bias = b if e["expert"] is None else b[e["expert"]]
         try:
             codec = CODECS.get(e["codec"])()
-            q = codec.decode(parts, e.get("meta", {}), tuple(e["shape"]), e["codec_version"])
+            q = codec.decode(parts, e.get("meta", {}), tuple(e["shape"]), e["codec_version"],
+                             {s: tables[s] for s in e.get("shared", [])})
             q.shared = tuple(e.get("shared", ()))  # the tables the entry references (the manifest, not the codec)
             modules[entry_target(name, e)] = runtime_module(e["codec"], q, bias,
                                                             {s: tables[s] for s in e.get("shared", [])}, e["method"])

@@ -32,13 +32,13 @@ class AffinePackedCodec(Codec):
     version = 1
     readable_versions = (1,)
 
-    def encode(self, q: QTensor):
+    def encode(self, q: QTensor, shared=None):
         t, m = q.tensors, q.meta
         parts = {"qweight": bitpack.pack(t["codes"].contiguous(), int(m["bits"])),
                  "scale": t["scale"].contiguous(), "zero": t["zero"].contiguous()}
         return parts, {"bits": int(m["bits"]), "group_size": int(m["group_size"]), "sym": bool(m["sym"])}
 
-    def decode(self, parts, meta, shape, version):
+    def decode(self, parts, meta, shape, version, shared=None):
         e = self.expect
         e(version in self.readable_versions, f"{self.name} version {version!r}")
         e(len(shape) == 2 and all(_is_int(s) and s > 0 for s in shape), f"shape {shape!r}")

@@ -28,12 +28,12 @@ class Int8RowsCodec(Codec):
     version = 1
     readable_versions = (1,)
 
-    def encode(self, q: QTensor):
+    def encode(self, q: QTensor, shared=None):
         parts = {k: v.contiguous() for k, v in q.tensors.items()}
         meta = {"mode": q.meta["mode"], "threshold": float(q.meta["threshold"]), "act_group": int(q.meta["act_group"])}
         return parts, meta
 
-    def decode(self, parts, meta, shape, version):
+    def decode(self, parts, meta, shape, version, shared=None):
         out_f, in_f = shape
         e = self.expect
         e(set(parts) >= {"qweight", "scale"} and set(parts) <= {"qweight", "scale", *_OPTIONAL}, f"parts {sorted(parts)}")
