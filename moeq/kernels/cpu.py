@@ -178,23 +178,25 @@ void matvec_row(const float* x, int64_t M, const uint8_t* row, const Tables& bas
   for (; m < M; ++m) row_dot<BITS, 1>(row, base, s, G, K, x + m * K, K, y + m * N, N);
 }
 
-// 16 float32 weights stored as float32, bfloat16 (round to nearest even) or float16.
-inline void store16(void* d, int64_t i, __m512 w, int dtype) {
-  if (dtype == F32) { _mm512_storeu_ps((float*)d + i, w); return; }
-  __m256i h;
+// 16 float32 values rounded to bfloat16 (nearest even) or float16.
+inline __m256i half16(__m512 w, int dtype) {
   if (dtype == BF16) {
 #ifdef __AVX512BF16__
-    h = (__m256i)_mm512_cvtneps_pbh(w);                 // round to nearest even, one instruction
+    return (__m256i)_mm512_cvtneps_pbh(w);                 // round to nearest even, one instruction
 #else
     const __m512i u = _mm512_castps_si512(w);
     const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
     const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-    h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 #endif
-  } else {
-    h = _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
-  _mm256_storeu_si256((__m256i*)((uint16_t*)d + i), h);
+  return _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// 16 float32 weights stored as float32, bfloat16 or float16.
+inline void store16(void* d, int64_t i, __m512 w, int dtype) {
+  if (dtype == F32) { _mm512_storeu_ps((float*)d + i, w); return; }
+  _mm256_storeu_si256((__m256i*)((uint16_t*)d + i), half16(w, dtype));
 }
 
 template <int BITS>
@@ -331,20 +333,7 @@ inline __m512i dot16(const uint8_t* a, const int8_t* w, const int64_t (&row)[16]
 
 inline void store16m(void* d, int64_t i, __m512 w, int dtype, __mmask16 m) {
   if (dtype == F32) { _mm512_mask_storeu_ps((float*)d + i, m, w); return; }
-  __m256i h;
-  if (dtype == BF16) {
-#ifdef __AVX512BF16__
-    h = (__m256i)_mm512_cvtneps_pbh(w);
-#else
-    const __m512i u = _mm512_castps_si512(w);
-    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
-    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-    h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-#endif
-  } else {
-    h = _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  _mm256_mask_storeu_epi16((uint16_t*)d + i, m, h);
+  _mm256_mask_storeu_epi16((uint16_t*)d + i, m, half16(w, dtype));
 }
 #endif
 

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from moeq.quant.base import CalibSpec, MethodConfig, QTensor, Quantizer, SharedTable, Stats
+from moeq.quant.base import CalibSpec, QTensor, Quantizer, SharedTable, Stats
 from moeq.quant.gptq import GridResult, column_groups, column_params, gptq, group_params, rtn
 from moeq.quant.stats import Hessian
-from moeq.quant.uniform import BATCH_BYTES, FP16_MAX, FP16_MIN
+from moeq.quant.uniform import BATCH_BYTES, FP16_MAX, FP16_MIN, GPTQOptions
 from moeq.registry import QUANTIZERS
 
 Grid = Literal["half", "sym"]
@@ -327,7 +327,7 @@ def _refine(w, h, codes, scale, a, bits, grid, *, steps, lr, lr_exponent, learn_
 
 # ---------------------------------------------------------------------------------------------- the method
 
-class NupesConfig(MethodConfig):
+class NupesConfig(GPTQOptions):
     bits: int = Field(4, ge=2, le=8, description="bits per weight code")
     group_size: Literal[0, 32, 64, 128] = Field(64, description="inputs per scale group; 0 = one per row")
     grid: Grid = Field("half", description="half: 2^b levels at half-integer points, no zero; sym: -Q..Q (3+ bits)")
@@ -343,12 +343,6 @@ class NupesConfig(MethodConfig):
     refine_steps: int = Field(100, ge=0, description="data-driven: Adam steps of the refinement; 0 = GPTQ only")
     refine_lr: float = Field(0.05, gt=0, description="Adam learning rate of the latent weights (in steps)")
     refine_lr_exponent: float = Field(0.01, gt=0, description="Adam learning rate of log a")
-    percdamp: float = Field(0.01, gt=0, description="GPTQ damping λ = percdamp * mean(diag H)")
-    block_size: int = Field(128, ge=1, description="GPTQ columns per lazy-batch block")
-    act_order: bool = Field(True, description="GPTQ: quantize columns by descending Hessian diagonal")
-    experts: Literal["routed", "pooled"] = Field(
-        "routed", description="routed: one Hessian per expert from its routed tokens; pooled: one per layer")
-    gate_weighted: bool = Field(False, description="weight each routed token by its gate probability")
 
     @model_validator(mode="after")
     def _check(self):

@@ -104,14 +104,19 @@ class UniformConfig(MethodConfig):
         "absmax", description="range of a row/group: its min/max, or the shrunk range of least squared error (mse)")
 
 
-class GPTQConfig(UniformConfig):
-    percdamp: float = Field(0.01, gt=0, description="damping λ = percdamp * mean(diag H)")
-    block_size: int = Field(128, ge=1, description="columns per lazy-batch block")
-    act_order: bool = Field(True, description="quantize columns by descending Hessian diagonal")
-    static_groups: bool = Field(True, description="group parameters from the original weights, computed up front")
+class GPTQOptions(MethodConfig):
+    """The options of the GPTQ core (``moeq.quant.gptq``) and of its calibration, for every method built on it."""
+
+    percdamp: float = Field(0.01, gt=0, description="GPTQ damping λ = percdamp * mean(diag H)")
+    block_size: int = Field(128, ge=1, description="GPTQ columns per lazy-batch block")
+    act_order: bool = Field(True, description="GPTQ: quantize columns by descending Hessian diagonal")
     experts: Literal["routed", "pooled"] = Field(
         "routed", description="routed: one Hessian per expert from its routed tokens; pooled: one per layer")
     gate_weighted: bool = Field(False, description="weight each routed token by its gate probability")
+
+
+class GPTQConfig(GPTQOptions, UniformConfig):
+    static_groups: bool = Field(True, description="group parameters from the original weights, computed up front")
 
     @model_validator(mode="after")
     def _check(self):
