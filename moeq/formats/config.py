@@ -7,7 +7,6 @@ model is stored. Nothing is read from the shards before this passes, and no code
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -32,17 +31,9 @@ _COUNT = re.compile(r"^(num|n)_.*(layers|experts)$|^(num_hidden_layers|num_layer
 def read_config(root: Path) -> tuple[str, dict[str, Any]]:
     """``(model_type, config dict without model_type, quantization_config and auto_map)``, validated on its own
     (see the module docstring); ``ArtifactError`` naming the file and the field otherwise."""
-    from moeq.formats.container import artifact_file
+    from moeq.formats.container import read_json
     path = root / CONFIG
-    artifact_file(root, CONFIG, "config")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ArtifactError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_CONFIG_BYTES:,} a config may have")
-    try:
-        cfg = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-    except RecursionError:
-        raise ArtifactError(f"{path}: nested too deeply") from None
+    cfg = read_json(root, CONFIG, "config", MAX_CONFIG_BYTES)
     if not isinstance(cfg, dict):
         raise ArtifactError(f"{path}: not a JSON object")
     qc = cfg.pop("quantization_config", None)

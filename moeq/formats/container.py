@@ -341,6 +341,21 @@ def artifact_file(root: Path, name: str, what: str) -> Path:
     return p
 
 
+def read_json(root: Path, name: str, what: str, max_bytes: int):
+    """The JSON document ``name`` of an artifact (``artifact_file``), at most ``max_bytes``; ArtifactError naming
+    the file when it is larger, not UTF-8 JSON, or nested too deeply to parse."""
+    p = artifact_file(root, name, what)
+    size = p.stat().st_size
+    if size > max_bytes:
+        raise ArtifactError(f"{p}: {what} is {size:,} bytes, over the {max_bytes:,} a {what} may have")
+    try:
+        return json.loads(p.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{p}: {what} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    except RecursionError:
+        raise ArtifactError(f"{p}: {what} is nested too deeply") from None
+
+
 class ArtifactReader:
     """Read-only view of an artifact; tensors are read lazily, one entry at a time, and checksummed.
 
@@ -361,16 +376,7 @@ class ArtifactReader:
         if not mpath.exists() and not mpath.is_symlink():
             raise ArtifactError(f"{self.path}: not a moeq artifact (no {MANIFEST})")
         check_artifact_files(self.path)
-        artifact_file(self.path, MANIFEST, "manifest")
-        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ArtifactError(f"{mpath}: manifest is {mpath.stat().st_size:,} bytes, over the "
-                                f"{MAX_MANIFEST_BYTES:,} a manifest may have")
-        try:
-            data = json.loads(mpath.read_bytes().decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{mpath}: manifest is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-        except RecursionError:
-            raise ArtifactError(f"{mpath}: manifest is nested too deeply") from None
+        data = read_json(self.path, MANIFEST, "manifest", MAX_MANIFEST_BYTES)
         self.manifest = validate_manifest(data, str(mpath))
         self._handles: dict[str, Any] = {}
         self.check_shards()
