@@ -10,7 +10,8 @@ llm-compressor recipes plus moeq's module kinds:
 - anything else: an exact module or entry name.
 
 Routers, norms and embeddings stay in their dtype unless a rule names them (no kind but ``router`` selects a
-router). ``method`` + ``options`` (what the CLI flags write) is shorthand for one rule over the default kinds.
+router). ``method`` + ``options`` (what the CLI flags write) is shorthand for one rule over the method's default kinds
+(``Quantizer.default_targets``: attention, dense MLPs, experts and shared experts; experts only for ``qmoe``).
 """
 
 from __future__ import annotations
@@ -97,8 +98,12 @@ class Recipe(Strict):
         """The same recipe with the shorthand written out as rules (what the manifest and --dump-recipe show)."""
         if self.rules:
             return self
-        targets = DEFAULT_TARGETS + (["lm_head"] if self.include_lm_head else [])
-        rule = Rule(targets=targets, method=self.method or "int8", options=dict(self.options))
+        method = self.method or "int8"
+        from moeq.registry import QUANTIZERS, load_builtins
+        load_builtins()
+        kinds = list(QUANTIZERS.get(method).default_targets) if method in QUANTIZERS else DEFAULT_TARGETS
+        targets = kinds + (["lm_head"] if self.include_lm_head else [])
+        rule = Rule(targets=targets, method=method, options=dict(self.options))
         return self.model_copy(update={"method": None, "options": {}, "include_lm_head": False, "rules": [rule]})
 
     def methods(self) -> list[tuple[Rule, Any, Any]]:

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeq.quant.base import QTensor
-from moeq.registry import RUNTIMES
+from moeq.registry import CODECS, load_builtins
+from moeq.runtime.build import runtime_module
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -96,9 +97,19 @@ class QuantizerConformance:
         x = torch.randn(64, w.shape[1], generator=torch.Generator().manual_seed(1))
         for label, cfg, floor in self.configs:
             q = self.quantizer.quantize(w, cfg, self.stats_for(cfg, x))
-            assert sqnr_db(w, self.quantizer.dequantize(q)) >= floor, label
-            y = RUNTIMES.get(self.quantizer.codec)(q, None)(x)
+            tables = {t.name: t for t in self.quantizer.code_tables([q], cfg, "w")}
+            assert sqnr_db(w, self.quantizer.dequantize(q, tables)) >= floor, label
+            y = self.packed_module(q, cfg, tables)(x)       # stored and loaded as the pipeline does
             assert sqnr_db(x @ w.t(), y) >= floor - 3, label
+
+    def packed_module(self, q, cfg, tables):
+        """The runtime module of ``q`` after a trip through its codec (``codec_for(cfg)``), as loading builds it."""
+        load_builtins()
+        codec = CODECS.get(self.quantizer.codec_for(cfg))()
+        shared = {n: tables[n] for n in q.shared}
+        parts, meta = codec.encode(q, shared)
+        back = codec.decode(parts, meta, q.shape, codec.version, shared)
+        return runtime_module(codec.name, back, None, shared, self.quantizer.name)
 
     def constant_row(self, cfg, row):
         """(what a constant row decodes to, relative tolerance): exactly itself, to float32 precision."""

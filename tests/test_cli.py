@@ -71,9 +71,13 @@ def test_inspect_and_methods(artifact, columns80):
     assert "``" not in out and "False" not in out  # docstrings rendered; defaults as a recipe writes them
 
 
-def test_eval_reports_ppl_kl_speed(artifact, tmp_path):
+def test_eval_reports_ppl_kl_speed(artifact, tiny_model_dir, tmp_path):
     js = tmp_path / "e.json"
-    code, out = run("eval", artifact, "--windows", "2", "--seqlen", "64", "--json", js)
+    code, out = run("eval", artifact, "--windows", "2", "--seqlen", "64", "--no-speed", "--json", js)
+    assert code == 0, out        # the artifact names a local directory as its source: never followed unasked
+    assert "no baseline" in out and "--baseline PATH" in out
+    assert json.loads(js.read_text())["baseline"] is None
+    code, out = run("eval", artifact, "--windows", "2", "--seqlen", "64", "--baseline", tiny_model_dir, "--json", js)
     assert code == 0, out
     res = json.loads(js.read_text())
     assert res["ppl"]["protocol"] == "gptq" and res["ppl"]["windows"] == 2

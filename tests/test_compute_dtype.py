@@ -91,10 +91,12 @@ def test_chunked_scoring_equals_the_definition(artifacts, tiny_model_dir, monkey
     assert r.extra["baseline_ppl"] == pytest.approx(want[2], rel=1e-5)
 
 
-def test_eval_runs_the_baseline_in_the_same_dtype(artifacts):
+def test_eval_runs_the_baseline_in_the_same_dtype(artifacts, tiny_model_dir):
     from moeq.recipes import EvalSpec
-    res = api.evaluate(str(artifacts["w8a8"]), spec=EvalSpec(seqlen=64, windows=2), speed=False, dtype="auto")
+    res = api.evaluate(str(artifacts["w8a8"]), str(tiny_model_dir), spec=EvalSpec(seqlen=64, windows=2), speed=False,
+                       dtype="auto")
     assert res["dtype"] == "bfloat16"  # the tiny model records float32
     assert 0.9 < res["ppl_ratio"] < 1.1
-    res32 = api.evaluate(str(artifacts["w8a8"]), spec=EvalSpec(seqlen=64, windows=2), speed=False, dtype="fp32")
+    res32 = api.evaluate(str(artifacts["w8a8"]), str(tiny_model_dir), spec=EvalSpec(seqlen=64, windows=2), speed=False,
+                         dtype="fp32")
     assert res32["dtype"] == "float32" and res32["baseline_ppl"] != res["baseline_ppl"]

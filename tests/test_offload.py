@@ -41,13 +41,15 @@ def test_offloaded_model_matches_in_memory(artifact, tmp_path):
 
 def test_cli_eval_with_max_memory(artifact, tiny_model_dir, tmp_path):
     r = CliRunner().invoke(app, ["eval", str(artifact), "--max-memory", "300KB", "--windows", "2", "--seqlen", "64",
-                                 "--dtype", "fp32", "--no-speed", "--json", str(tmp_path / "r.json")])
+                                 "--dtype", "fp32", "--no-speed", "--baseline", str(tiny_model_dir),
+                                 "--json", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["placement"]["disk_layers"] >= 1
     assert "layers in RAM / on disk" in r.output
     r2 = CliRunner().invoke(app, ["eval", str(artifact), "--windows", "2", "--seqlen", "64", "--no-speed",
-                                  "--dtype", "fp32", "--json", str(tmp_path / "full.json")])
+                                  "--dtype", "fp32", "--baseline", str(tiny_model_dir),
+                                  "--json", str(tmp_path / "full.json")])
     assert r2.exit_code == 0, r2.output
     full = json.loads((tmp_path / "full.json").read_text())
     assert "placement" not in full

@@ -62,3 +62,12 @@ def test_plan_first_match_wins_ignore_and_routers():
 def test_plan_that_selects_nothing_is_an_error():
     with pytest.raises(MoeqError, match="selects no"):
         Plan(Recipe(rules=[{"targets": ["re:nothing"], "method": "int8"}]), find_targets(build("mixtral")))
+
+
+def test_method_shorthand_takes_the_methods_default_kinds():
+    """qmoe compresses experts only by default; a dense model then has nothing it selects, and says so."""
+    assert Recipe(method="qmoe").resolved().rules[0].targets == ["expert"]
+    assert "attention" in Recipe(method="gptq").resolved().rules[0].targets
+    from tests.tiny_models import build as build_tiny
+    with pytest.raises(MoeqError, match="selects expert; the model has"):
+        Plan(Recipe(method="qmoe"), [t for t in find_targets(build_tiny("mixtral")) if t.role != "expert"])

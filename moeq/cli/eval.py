@@ -63,6 +63,8 @@ def evaluate(
              f"{escape(res['ppl']['describe'])}, corpus {escape(corpus)}")
     if res.get("baseline"):
         title += f"\nbaseline: {escape(str(res['baseline']))} (measured in the same run)"
+    elif res.get("baseline_skipped"):
+        title += f"\n[yellow]no baseline[/]: {escape(res['baseline_skipped'])}"
     if res.get("long_context"):
         title += f"\n[yellow]seqlen beyond the model's context of {res['context']} tokens[/]"
     console.print(title, highlight=False)

@@ -74,11 +74,11 @@ def inspect(
                 cells.append(escape(d["module"].split(f".{d['layer']}.", 1)[-1]))
             cells += [str(d["expert"]), escape(d["method"]), human_count(d["params"]), human_bytes(d["bytes"]),
                       f"{d['bits_per_param']:.3f}", "-" if d["calib_tokens"] is None else f"{d['calib_tokens']:,}",
-                      "[yellow]data-free[/]" if d["fallback"] else ""]
+                      f"[yellow]{escape(d['fallback'].split(':')[0])}[/]" if d["fallback"] else ""]
             e.add_row(*cells)
         console.print(e)
         starved = sum(1 for d in rows if d["fallback"])
         if starved:
-            console.print(f"[yellow]data-free (no tokens)[/]: {starved} experts that no calibration token reached were "
-                          "quantized without calibration")
+            console.print(f"[yellow]fallback[/]: {starved} experts got too few routed calibration tokens: [yellow]rtn[/] "
+                          "= quantized data-free, [yellow]route_all[/] = statistics from every calibration token")
     write_json(json_out, info)

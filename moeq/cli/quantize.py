@@ -106,6 +106,7 @@ def quantize(
         t.add_row("resumed", f"{res['resumed_groups']} layer groups from an interrupted run")
     t.add_row("time", f"{res['seconds']:.1f} s (loading included)")
     console.print(t)
+    fallback_table(res.get("fallback_entries") or {})
     write_json(json_out, res)
 
 
@@ -142,3 +143,21 @@ def build_recipe(r, model, method, option, lm_head, flags: dict, calibration: di
         return Recipe(**r.model_dump())  # re-validate the merged recipe
     except ValidationError as e:
         raise MoeqError(f"recipe: {e.errors()[0]['loc'][-1]}: {e.errors()[0]['msg']}") from None
+
+
+FALLBACK_ROWS = 12   # the summary lists this many fallbacks; `moeq inspect --experts` lists them all
+
+
+def fallback_table(entries: dict[str, dict]) -> None:
+    """Which weights fell back from calibration, with their routed tokens and why (the manifest's words)."""
+    if not entries:
+        return
+    t = table(f"calibration fallbacks ({len(entries)})")
+    t.add_column("weight", overflow="fold")
+    t.add_column("routed tokens", justify="right")
+    t.add_column("fallback: why", overflow="fold")
+    for name, e in list(entries.items())[:FALLBACK_ROWS]:
+        t.add_row(escape(name), "-" if e["calib_tokens"] is None else f"{e['calib_tokens']:,}", escape(e["fallback"]))
+    if len(entries) > FALLBACK_ROWS:
+        t.add_row(f"... {len(entries) - FALLBACK_ROWS} more (moeq inspect --experts)", "", "")
+    console.print(t)

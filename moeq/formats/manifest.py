@@ -21,7 +21,7 @@ MANIFEST = "moeq.json"
 MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest is ~300 bytes per entry: room for ~800k entries
 # the dtypes a stored tensor may have (torch's names)
 DTYPES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
-          "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}  # name -> bytes per element
+          "uint8": 1, "uint16": 2, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}  # name -> bytes per element
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _PART = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 

@@ -135,20 +135,26 @@ def experts_forward(mod: nn.Module, linear: ExpertLinear, hidden_states: torch.T
     x @ W_e.T + b_e for the tokens routed to expert e (``gate``: their routing weights, for observers)."""
     out = torch.zeros_like(hidden_states)
     num_experts = _num_experts(mod)
-    first = "gate_up_proj" if _has(mod, "gate_up_proj") else "up_proj"
     for e in torch.unique(top_k_index).tolist():
         if e < 0 or e >= num_experts:
             continue
         token_idx, pos = torch.where(top_k_index == e)
         gate = top_k_weights[token_idx, pos]
-        h = linear(first, e, hidden_states[token_idx], gate)
-        if first == "gate_up_proj":
-            h = mod._apply_gate(h) if hasattr(mod, "_apply_gate") else _gate(mod, h)
-        else:
-            h = mod.act_fn(h)
-        y = linear("down_proj", e, h, gate) * gate[:, None]
+        y = run_expert(mod, linear, e, hidden_states[token_idx], gate) * gate[:, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
+
+
+def run_expert(mod: nn.Module, linear: ExpertLinear, e: int, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Expert e of a fused-experts module on tokens ``x`` (before its gate weighting): the up (and gate)
+    projection, the activation, the down projection."""
+    first = "gate_up_proj" if _has(mod, "gate_up_proj") else "up_proj"
+    h = linear(first, e, x, gate)
+    if first == "gate_up_proj":
+        h = mod._apply_gate(h) if hasattr(mod, "_apply_gate") else _gate(mod, h)
+    else:
+        h = mod.act_fn(h)
+    return linear("down_proj", e, h, gate)
 
 
 def _has(mod, p) -> bool:
@@ -179,13 +185,18 @@ def dense_expert_linear(mod: nn.Module, transposed: bool, observe=None) -> Exper
     return linear
 
 
-def patch_experts(mod: nn.Module, linear: ExpertLinear) -> Callable[[], None]:
-    """Route ``mod.forward`` through ``experts_forward`` with ``linear``; returns an undo function."""
+def patch_experts(mod: nn.Module, linear: ExpertLinear,
+                  after: Callable[[nn.Module, torch.Tensor], None] | None = None) -> Callable[[], None]:
+    """Route ``mod.forward`` through ``experts_forward`` with ``linear``; ``after(mod, hidden_states)`` runs after
+    each forward (calibration's forced routing). Returns an undo function."""
     had = "forward" in mod.__dict__
     old = mod.__dict__.get("forward")
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-        return experts_forward(self, linear, hidden_states, top_k_index, top_k_weights)
+        out = experts_forward(self, linear, hidden_states, top_k_index, top_k_weights)
+        if after is not None:
+            after(self, hidden_states)
+        return out
     mod.forward = types.MethodType(forward, mod)
 
     def undo():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,11 +38,14 @@ def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = E
     if long_context:
         reporter.log(f"warning: --seqlen {spec.seqlen} is beyond the model's context of {context} tokens: "
                      "positions past it were never trained, so the perplexity says little")
+    skipped = None
     if not use_baseline:
         baseline = None
     elif baseline is None and target is not None and is_artifact(target):
         load_builtins()
-        baseline = ArtifactReader(target).manifest.get("source", {}).get("model")
+        baseline, skipped = recorded_baseline(ArtifactReader(target).manifest.get("source", {}).get("model"))
+        if skipped:
+            reporter.log(f"no baseline: {skipped}")
     # the baseline first: its load's transient peak (a float32 checkpoint read to compute in 16 bits) is over
     # before the target is in memory
     base = load_any(baseline, reporter, max_memory, dtype=dtype)[0] if baseline else None
@@ -53,7 +57,7 @@ def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = E
     if tok is None:
         raise MoeqError(f"{target}: no tokenizer files; cannot evaluate text perplexity")
     windows = tokenize_windows(tok, load_text(spec.corpus, "eval"), spec.seqlen, spec.windows)
-    result: dict[str, Any] = {"model": target, "baseline": baseline, "corpus": spec.corpus,
+    result: dict[str, Any] = {"model": target, "baseline": baseline, "baseline_skipped": skipped, "corpus": spec.corpus,
                               "dtype": str(dtype).removeprefix("torch."), "load_seconds": round(load_s, 2),
                               "context": context, "long_context": long_context}
     with reporter.task("perplexity" + (" + baseline, KL" if base is not None else ""), windows.shape[0]) as task:
@@ -82,3 +86,17 @@ def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = E
         result["placement"] = model.moeq_placement
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result
+
+
+def recorded_baseline(source) -> tuple[str | None, str | None]:
+    """The baseline an artifact's manifest names (``source.model``), if moeq may follow it: a zoo name or a hub
+    id. A local path is never followed (an artifact is untrusted input: it could name any file on this machine);
+    then (None, why), and ``--baseline PATH`` gives the same comparison explicitly."""
+    from moeq.models.loader import ZOO
+    from moeq.paths import looks_local
+    if not isinstance(source, str) or not source:
+        return None, None
+    if source in ZOO or (source.count("/") == 1 and not looks_local(source) and not Path(source).exists()):
+        return source, None
+    return None, (f"the artifact's source {source!r} is a local path, which moeq does not follow from an "
+                  "artifact; pass --baseline PATH to compare")

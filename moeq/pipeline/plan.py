@@ -24,7 +24,7 @@ class Assignment:
 
     @property
     def codec(self) -> str:
-        return self.quantizer.codec
+        return self.quantizer.codec_for(self.cfg)
 
     @property
     def calibrated(self) -> bool:
@@ -61,7 +61,11 @@ class Plan:
                     break
         self.targets = [t for t in targets if t in self.of]
         if not self.targets:
-            raise MoeqError("the recipe selects no quantizable weight in this model")
+            wanted = sorted({sel for r, _, _ in rules for sel in r.targets})
+            has = sorted({t.role for t in targets})
+            raise MoeqError(f"the recipe selects no quantizable weight in this model (it selects "
+                            f"{', '.join(wanted)}; the model has {', '.join(has) or 'none'}): write a rule, e.g. "
+                            f"targets: [{has[0] if has else 'dense_mlp'}]")
 
     @property
     def calibrated(self) -> bool:

@@ -133,7 +133,9 @@ def quantize_model(model, out: str | Path, recipe: Recipe, tokenizer=None, sourc
         raise
     return {"path": str(path), **manifest["totals"], "seconds": round(time.perf_counter() - t0, 2),
             "resumed_groups": len(writer.resumed), "workers": dist.world,
-            "fallback_names": [n for n, e in writer.entries.items() if e.get("fallback")]}
+            "fallback_names": [n for n, e in writer.entries.items() if e.get("fallback")],
+            "fallback_entries": {n: {"calib_tokens": e.get("calib_tokens"), "fallback": e["fallback"]}
+                                 for n, e in writer.entries.items() if e.get("fallback")}}
 
 
 def build_manifest(plan: Plan, source, writer: ArtifactWriter, calib_ids) -> dict[str, Any]:

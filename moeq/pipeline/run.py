@@ -38,7 +38,7 @@ from moeq.models.layers import capture_layer_inputs, decoder_layers, layer_of, r
 from moeq.parallel import Dist
 from moeq.progress import peak_rss_mb
 from moeq.pipeline.plan import Plan
-from moeq.quant.base import CalibSpec, QTensor, Quantizer, SharedTable, Stats
+from moeq.quant.base import CalibSpec, QTensor, Quantizer, SharedTable, Stats, calibrated
 from moeq.registry import CODECS
 from moeq.runtime.build import packed_modules, runtime_module
 
@@ -258,13 +258,14 @@ class Run:
             self.inputs.close()
             self.inputs = nxt
 
-    def _forward(self, g: Group, layer, collect: bool, col: Collector | None = None):
+    def _forward(self, g: Group, layer, collect: bool, col: Collector | None = None, forced: bool = False):
         """One pass of the calibration inputs through ``layer`` (feeding ``col``); its outputs with ``collect``."""
-        what = "calibrate" if col is not None else "forward"
+        what = "route all" if forced else "calibrate" if col is not None else "forward"
 
         def progress(done: int, total: int) -> None:  # within the layer: batches of the calibration inputs
             self.task.advance(0, layer=g.label, **{what: f"{done}/{total}"})
-        with observing(layer.to(self.device), col, prefix=g.prefix) if col is not None else nullcontext():
+        with observing(layer.to(self.device), col, prefix=g.prefix, forced=forced) if col is not None \
+                else nullcontext():
             out = run_layer(layer, self.inputs, collect=collect, device=self.device, progress=progress)
         layer.to("cpu")
         return out
@@ -290,25 +291,44 @@ class Run:
         specs = self._specs(chunk)
         if not specs:
             return {}
-        return self.dist.broadcast(self._observe(g, layer, specs) if self.dist.main else None)
+        return self.dist.broadcast(self._route_starved(g, layer, specs, self._observe(g, layer, specs))
+                                   if self.dist.main else None)
+
+    def _route_starved(self, g: Group, layer, specs: dict[Target, CalibSpec], stats: dict[str, Stats | None]):
+        """Forced routing for the starved experts whose method asks for it (``starved="route_all"``): one more
+        forward gathers their statistics over every calibration token of the layer (``Stats.routed`` keeps what
+        their router sent them)."""
+        starved = {t: s for t, s in specs.items() if t.role == "expert" and s.starved == "route_all"
+                   and s.experts == "routed" and not calibrated(stats.get(t.name), s.min_tokens)}
+        if not starved:
+            return stats
+        forced = self._observe(g, layer, starved, forced=True)
+        for t in starved:
+            s, routed = forced.get(t.name), stats.get(t.name)
+            if s is not None:
+                s.routed = 0 if routed is None else routed.tokens
+                stats[t.name] = s
+        return stats
 
     def _specs(self, chunk: list[Target]) -> dict[Target, CalibSpec]:
         if not self.calibrated:
             return {}
         return {t: self.plan[t].quantizer.calibration(self.plan[t].cfg) for t in chunk if self.plan[t].calibrated}
 
-    def _observe(self, g: Group, layer, specs: dict[Target, CalibSpec]) -> dict[str, Stats | None]:
-        """One forward of the calibration inputs feeding ``specs``' accumulators. In non-sequential runs the first
-        such forward of a layer also keeps its outputs: the next layer's calibration inputs."""
+    def _observe(self, g: Group, layer, specs: dict[Target, CalibSpec], forced: bool = False
+                 ) -> dict[str, Stats | None]:
+        """One forward of the calibration inputs feeding ``specs``' accumulators (``forced``: forced routing,
+        ``moeq.models.calib``). In non-sequential runs the first such forward of a layer also keeps its outputs:
+        the next layer's calibration inputs."""
         col = Collector(specs, self.device)
         if layer is not None:
             collect = not self.sequential and self.next_inputs is None \
                 and g.index < len(self.layers[1]) - 1
-            out = self._forward(g, layer, collect, col)
+            out = self._forward(g, layer, collect, col, forced)
             if collect:
                 self.next_inputs = out
         else:
-            with observing(self.model, col):
+            with observing(self.model, col, forced=forced):
                 for b in self.calib_ids.split(8):
                     self.model(input_ids=b, decoder_input_ids=b if self.model.config.is_encoder_decoder else None)
         return col.finalize()
@@ -330,8 +350,7 @@ class Run:
         modules = {}
         batches: dict[tuple, list[Target]] = {}
         for t in targets:
-            key = (t.module, t.param, id(self.plan[t])) if t.expert is not None else (t.name,)
-            batches.setdefault(key, []).append(t)
+            batches.setdefault(batch_key(t, self.plan[t]), []).append(t)
         for batch in batches.values():
             a = self.plan[batch[0]]
             st = [stats.get(t.name) for t in batch]
@@ -339,8 +358,12 @@ class Run:
                 if batch[0].expert is not None:
                     qs = a.quantizer.quantize_experts(self._place(expert_stack(self.model, batch)), a.cfg, st, tables)
                 else:
-                    qs = [a.quantizer.quantize(self._place(target_weight(self.model, batch[0])), a.cfg, st[0], tables)]
+                    qs = [a.quantizer.quantize(self._place(target_weight(self.model, t)), a.cfg, s, tables)
+                          for t, s in zip(batch, st)]
             del st
+            for table in a.quantizer.code_tables(qs, a.cfg, batch_name(batch)):
+                tables[table.name] = table
+                self.writer.add_shared(table)
             for t, q in zip(batch, qs):
                 q = QTensor(q.shape, {k: v.cpu() for k, v in q.tensors.items()}, q.meta, q.shared, q.info)
                 modules[t] = self._write_entry(t, q, stats.pop(t.name, None), tables)  # statistics freed as used
@@ -351,23 +374,63 @@ class Run:
         return w.to(self.device) if self.device != "cpu" else w
 
     def _write_entry(self, t: Target, q: QTensor, s: Stats | None, tables) -> torch.nn.Module:
+        """Encode and write one weight; its runtime module is built from the encoded parts, as loading does."""
         a = self.plan[t]
         codec = CODECS.get(a.codec)()
-        parts, meta = codec.encode(q, {n: tables[n] for n in q.shared})
+        shared = {n: tables[n] for n in q.shared}
+        parts, meta = codec.encode(q, shared)
         info = entry_info(t, parts, target_weight(self.model, t).dtype, self.dtypes)
         info.update(rule=a.rule, method=a.method, options=a.options(), meta=meta, shared=list(q.shared))
         if q.info:
             info["quant_info"] = q.info
         if self.calibrated and a.calibrated:
-            info["calib_tokens"] = 0 if s is None else int(s.tokens)
-            if t.expert is not None and s is not None and s.gate_prob is not None:
-                info["gate_prob"] = round(float(s.gate_prob), 4)
-            if s is None:
-                info["fallback"] = "no calibration tokens reached this weight: quantized data-free"
+            spec = a.quantizer.calibration(a.cfg)
+            info.update(calib_info(t, s, spec))
+            if "fallback" in info:
                 self.fallbacks.append(t.name)
         self.writer.add_packed(t.name, codec.name, parts, info)
         bias = target_bias(self.model, t)
-        return runtime_module(a.codec, q, bias, {n: tables[n] for n in q.shared}, a.method)
+        decoded = codec.decode(parts, meta, q.shape, codec.version, shared)
+        return runtime_module(a.codec, decoded, bias, shared, a.method)
+
+
+def calib_info(t: Target, s: Stats | None, spec: CalibSpec) -> dict[str, Any]:
+    """What the manifest says of a calibrated weight's statistics: its routed tokens, gate-probability mass and,
+    for a starved or unreached weight, which fallback it got and why."""
+    routed = 0 if s is None else int(s.tokens if s.routed is None else s.routed)
+    info: dict[str, Any] = {"calib_tokens": routed}
+    if t.expert is not None and s is not None and s.gate_prob is not None and s.routed is None:
+        info["gate_prob"] = round(float(s.gate_prob), 4)
+    if s is not None and s.routed is not None:
+        info["fallback"] = (f"route_all: {routed} routed tokens < min_tokens {spec.min_tokens}; statistics "
+                            f"from all {s.tokens} calibration tokens")
+    elif s is None:
+        info["fallback"] = "rtn: no calibration tokens reached this weight; quantized data-free"
+    elif not calibrated(s, spec.min_tokens):
+        info["fallback"] = f"rtn: {routed} routed tokens < min_tokens {spec.min_tokens}; quantized data-free"
+    return info
+
+
+def batch_key(t: Target, a) -> tuple:
+    """Targets quantized together (and sharing ``code_tables``): the experts of one fused parameter; the same
+    Linear of every expert of one experts container (``experts.expert_<i>.wi`` for all i); else one weight."""
+    if t.expert is not None:
+        return (t.module, t.param, id(a))
+    if t.role == "expert" and "experts" in t.module.split(".")[:-2]:
+        parts = t.module.split(".")
+        i = len(parts) - 2 - parts[:-2][::-1].index("experts")      # index of the container's name
+        return (".".join(parts[:i + 1]), ".".join(parts[i + 2:]), id(a))
+    return (t.name,)
+
+
+def batch_name(batch: list[Target]) -> str:
+    """A name unique to one quantization batch, the prefix of the tables ``Quantizer.code_tables`` fits on it:
+    ``<experts>.<param>`` for the experts of a fused parameter (``.from<e>`` when a chunk starts at expert e > 0),
+    else the module of the batch's first weight (``...experts.expert_0.wi`` for that Linear of every expert)."""
+    t = batch[0]
+    if t.expert is None:
+        return t.module
+    return f"{t.module}.{t.param}" + (f".from{t.expert}" if t.expert else "")
 
 
 def expert_stack(model, batch: list[Target]) -> torch.Tensor:

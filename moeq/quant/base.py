@@ -8,7 +8,8 @@ Lifecycle of one decoder layer (``moeq.pipeline.run``):
      already-quantized layers before it produce, and for an expert only from the tokens its router sends it.
   2. ``fit_layer`` (optional) fits what spans many tensors of the layer (an exponent, a dictionary, a bit
      allocation) and returns shared tables, stored once in the artifact and referenced by the entries.
-  3. ``quantize`` / ``quantize_experts`` turn each weight into a ``QTensor``; the codec packs it losslessly.
+  3. ``quantize`` / ``quantize_experts`` turn each weight into a ``QTensor``; ``code_tables`` (optional) fits
+     tables on the codes of a batch (a dictionary from their symbol statistics); the codec packs it losslessly.
   4. At load time the codec's runtime module (``moeq.runtime.registry.RUNTIMES``) executes it.
 """
 
@@ -19,6 +20,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from moeq.recipes import DEFAULT_TARGETS
 
 
 class MethodConfig(BaseModel):
@@ -56,11 +59,14 @@ class Stats:
     """Finalized calibration statistics of one weight's input (shared by the weights that read the same input:
     q/k/v, an expert's gate and up). ``tokens``: how many tokens reached it (routed tokens for an expert);
     ``gate_prob``: the sum of their gate probabilities (experts only); ``values``: what the accumulators made,
-    by name (``amax``, ``hits``, ``hessian``, ...), also readable as attributes."""
+    by name (``amax``, ``hits``, ``hessian``, ...), also readable as attributes. ``routed``: set when the
+    statistics come from forced routing (``CalibSpec.starved = "route_all"``): the tokens the router itself sent,
+    while ``tokens`` counts every token the expert was run on."""
 
     tokens: int
     values: dict[str, Any] = field(default_factory=dict)
     gate_prob: float | None = None
+    routed: int | None = None
 
     def __getattr__(self, name: str):
         try:
@@ -74,11 +80,21 @@ class CalibSpec:
     """What a method needs from calibration. ``accumulators``: instances of ``moeq.quant.stats.Accumulator``
     (empty: data-free). ``experts``: ``routed`` = one set of statistics per expert from its routed tokens,
     ``pooled`` = one set shared by all experts of a layer (the routed tokens of every expert pooled).
-    ``gate_weighted``: each routed token counts with its gate probability (MoEQuant's affinity weighting)."""
+    ``gate_weighted``: each routed token counts with its gate probability (MoEQuant's affinity weighting).
+    ``min_tokens``: an expert its router sent fewer tokens is *starved*; ``starved`` says what it gets: ``rtn``
+    (its method's data-free fallback: GPTQ with identity Hessian) or ``route_all`` (a second forward runs it on
+    every calibration token of the layer, unweighted, and its statistics come from those)."""
 
     accumulators: list = field(default_factory=list)
     experts: Literal["routed", "pooled"] = "routed"
     gate_weighted: bool = False
+    min_tokens: int = 1
+    starved: Literal["rtn", "route_all"] = "rtn"
+
+
+def calibrated(s: Stats | None, min_tokens: int = 1) -> bool:
+    """Whether ``s`` holds statistics to calibrate with: at least ``min_tokens`` tokens (and at least one)."""
+    return s is not None and s.tokens >= max(1, min_tokens)
 
 
 class Quantizer:
@@ -88,6 +104,12 @@ class Quantizer:
     name: ClassVar[str]
     codec: ClassVar[str]
     Config: ClassVar[type[MethodConfig]]
+    # the selector kinds the ``method`` shorthand of a recipe (and ``moeq quantize --method``) applies it to
+    default_targets: ClassVar[tuple[str, ...]] = tuple(DEFAULT_TARGETS)
+
+    def codec_for(self, cfg: MethodConfig) -> str:
+        """The codec that stores this method's weights with options ``cfg`` (default: ``codec``)."""
+        return self.codec
 
     def calibration(self, cfg: MethodConfig) -> CalibSpec:
         return CalibSpec()
@@ -99,6 +121,13 @@ class Quantizer:
                   stats: dict[str, Stats | None], prefix: str) -> list[SharedTable]:
         """Fit shared tables over the layer's ``weights`` (entry name -> 2-D weight) assigned to this method.
         ``prefix`` is the layer's fqn (shared table names start with it). Default: none."""
+        return []
+
+    def code_tables(self, qs: list[QTensor], cfg: MethodConfig, name: str) -> list[SharedTable]:
+        """Tables fitted on the quantized codes of one batch (the experts of one fused parameter, or one weight),
+        before they are encoded: e.g. a dictionary built from the codes' own symbol statistics. ``name`` is unique
+        to the batch (table names start with it); the method sets each QTensor's ``shared`` accordingly.
+        Default: none."""
         return []
 
     def quantize(self, w: torch.Tensor, cfg: MethodConfig, stats: Stats | None,

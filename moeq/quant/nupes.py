@@ -36,10 +36,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from moeq.quant.base import CalibSpec, QTensor, Quantizer, SharedTable, Stats
+from moeq.quant.base import CalibSpec, QTensor, Quantizer, SharedTable
 from moeq.quant.gptq import GridResult, column_groups, column_params, gptq, group_params, rtn
-from moeq.quant.stats import Hessian
-from moeq.quant.uniform import BATCH_BYTES, FP16_MAX, FP16_MIN, GPTQOptions
+from moeq.quant.uniform import FP16_MAX, FP16_MIN, GPTQOptions, expert_batches
 from moeq.registry import QUANTIZERS
 
 Grid = Literal["half", "sym"]
@@ -353,10 +352,6 @@ class NupesConfig(GPTQOptions):
         return self
 
 
-def _calibrated(s: Stats | None) -> bool:
-    return s is not None and s.tokens > 0
-
-
 def _round(v: float) -> float:
     return float(f"{v:.6g}")
 
@@ -383,7 +378,7 @@ class NupesQuantizer(Quantizer):
     def calibration(self, cfg: NupesConfig) -> CalibSpec:
         if cfg.mode != "data_driven":
             return CalibSpec()
-        return CalibSpec(accumulators=[Hessian()], experts=cfg.experts, gate_weighted=cfg.gate_weighted)
+        return cfg.calib_spec()
 
     # -- helpers on stacks [E, out, in] ----------------------------------------------------------------------
     def _exponents(self, w: torch.Tensor, cfg: NupesConfig) -> list[float]:
@@ -475,22 +470,11 @@ class NupesQuantizer(Quantizer):
     def quantize_experts(self, w, cfg, stats, shared=None):
         """Each expert gets its own exponent. Data-free: batched round-to-nearest a chunk of experts at a time.
         Data-driven: calibrated experts in chunks (GPTQ and the refinement batched), the rest data-free."""
-        n, out_f, in_f = w.shape
-        out: list[QTensor | None] = [None] * n
-        hot = [e for e, s in enumerate(stats) if cfg.mode == "data_driven" and _calibrated(s)]
-        cold = sorted(set(range(n)) - set(hot))
+        out: list[QTensor | None] = [None] * w.shape[0]
         note = "no calibration tokens: quantized data-free" if cfg.mode == "data_driven" else None
-        step = max(1, BATCH_BYTES // (4 * out_f * in_f))
-        for i in range(0, len(cold), step):
-            idx = cold[i:i + step]
-            for e, q in zip(idx, self._data_free(w[idx], cfg, note)):
-                out[e] = q
-        step = max(1, BATCH_BYTES // (4 * in_f * max(in_f, out_f)))
-        for i in range(0, len(hot), step):
-            idx = hot[i:i + step]
-            hs = [stats[e].hessian for e in idx]
-            h = hs[0] if all(x is hs[0] for x in hs) else torch.stack(hs)
-            for e, q in zip(idx, self._data_driven(w[idx], h, cfg)):
+        for idx, h in expert_batches(stats, tuple(w.shape[-2:]), cfg.min_tokens, cfg.mode == "data_driven"):
+            qs = self._data_free(w[idx], cfg, note) if h is None else self._data_driven(w[idx], h, cfg)
+            for e, q in zip(idx, qs):
                 out[e] = q
         return out
 

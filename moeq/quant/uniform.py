@@ -10,13 +10,13 @@ be shorter); group_size 0 = one group per row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from moeq.quant.base import CalibSpec, MethodConfig, QTensor, Quantizer, SharedTable, Stats
+from moeq.quant.base import CalibSpec, MethodConfig, QTensor, Quantizer, SharedTable, Stats, calibrated
 from moeq.quant.gptq import GPTQResult, GridResult, gptq, rtn
 from moeq.quant.stats import Hessian
 from moeq.registry import QUANTIZERS
@@ -113,6 +113,15 @@ class GPTQOptions(MethodConfig):
     experts: Literal["routed", "pooled"] = Field(
         "routed", description="routed: one Hessian per expert from its routed tokens; pooled: one per layer")
     gate_weighted: bool = Field(False, description="weight each routed token by its gate probability")
+    min_tokens: int = Field(1, ge=1, description="an expert routed fewer calibration tokens is starved")
+    starved: Literal["rtn", "route_all"] = Field(
+        "rtn", description="what a starved expert gets: rtn (identity Hessian) or route_all (Hessian from every "
+                           "calibration token of the layer)")
+
+    def calib_spec(self) -> CalibSpec:
+        """The calibration these options ask for: one Hessian per input (or per pooled expert set)."""
+        return CalibSpec(accumulators=[Hessian()], experts=self.experts, gate_weighted=self.gate_weighted,
+                         min_tokens=self.min_tokens, starved=self.starved)
 
 
 class GPTQConfig(GPTQOptions, UniformConfig):
@@ -140,6 +149,25 @@ def _split(r: GridResult, cfg: UniformConfig) -> list[QTensor]:
     return out
 
 
+def expert_batches(stats: list[Stats | None], shape: tuple[int, int], min_tokens: int = 1, calibrate: bool = True
+                   ) -> Iterator[tuple[list[int], torch.Tensor | None]]:
+    """The experts of one stack ([E, out, in] with ``shape`` = (out, in)) in the batches a GPTQ-core method
+    processes them: ``(indices, None)`` for those with fewer than ``min_tokens`` calibration tokens (or all, when
+    not ``calibrate``: data-free), chunked to ~``BATCH_BYTES`` of float weights; then ``(indices, H)`` for the
+    calibrated ones, H the pooled [in, in] Hessian when they all share one (``experts="pooled"``), else their
+    stacked [k, in, in], chunked so Hessians and weight copies stay near ``BATCH_BYTES``."""
+    out_f, in_f = shape
+    hot = [e for e, s in enumerate(stats) if calibrate and calibrated(s, min_tokens)]
+    cold = sorted(set(range(len(stats))) - set(hot))
+    step = max(1, BATCH_BYTES // (4 * out_f * in_f))
+    for i in range(0, len(cold), step):
+        yield cold[i:i + step], None
+    step = max(1, BATCH_BYTES // (4 * in_f * max(in_f, out_f)))
+    for i in range(0, len(hot), step):
+        hs = [stats[e].hessian for e in hot[i:i + step]]
+        yield hot[i:i + step], hs[0] if all(h is hs[0] for h in hs) else torch.stack(hs)
+
+
 class _UniformQuantizer(Quantizer):
     codec = "affine-packed"
 
@@ -150,8 +178,8 @@ class _UniformQuantizer(Quantizer):
         return _qtensor(self._rtn(w, cfg), cfg)
 
     def quantize_experts(self, w, cfg, stats, shared=None):
-        step = max(1, BATCH_BYTES // (4 * w.shape[-1] * w.shape[-2]))  # float copies of a few experts at a time
-        return [q for i in range(0, w.shape[0], step) for q in _split(self._rtn(w[i:i + step], cfg), cfg)]
+        return [q for idx, _ in expert_batches(stats, tuple(w.shape[-2:]), calibrate=False)
+                for q in _split(self._rtn(w[idx], cfg), cfg)]
 
     def dequantize(self, q: QTensor, shared: dict[str, SharedTable] | None = None) -> torch.Tensor:
         t = q.tensors
@@ -166,10 +194,6 @@ class RTNQuantizer(_UniformQuantizer):
     Config = UniformConfig
 
 
-def _calibrated(s: Stats | None) -> bool:
-    return s is not None and s.tokens > 0
-
-
 @QUANTIZERS.register("gptq")
 class GPTQQuantizer(_UniformQuantizer):
     """GPTQ on the uniform grid. A weight without calibration tokens (an expert its router never chose) is
@@ -179,7 +203,7 @@ class GPTQQuantizer(_UniformQuantizer):
     Config = GPTQConfig
 
     def calibration(self, cfg: GPTQConfig) -> CalibSpec:
-        return CalibSpec(accumulators=[Hessian()], experts=cfg.experts, gate_weighted=cfg.gate_weighted)
+        return cfg.calib_spec()
 
     def _gptq(self, w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> GridResult:
         return gptq(w.detach().float(), h.float(), UniformGrid(cfg.bits, cfg.sym, cfg.clip), group_size=cfg.group_size,
@@ -187,26 +211,14 @@ class GPTQQuantizer(_UniformQuantizer):
                     static_groups=cfg.static_groups)
 
     def quantize(self, w, cfg, stats, shared=None):
-        if not _calibrated(stats):
-            return super().quantize(w, cfg, stats)
-        return _split(self._gptq(w[None], stats.hessian, cfg), cfg)[0]
+        return self.quantize_experts(w[None], cfg, [stats])[0]
 
     def quantize_experts(self, w, cfg, stats, shared=None):
         """One batched GPTQ call per chunk of calibrated experts (one call for all when they share one pooled
-        Hessian), one batched RTN call for the rest."""
+        Hessian), one batched RTN call per chunk of the rest (``expert_batches``)."""
         out: list[QTensor | None] = [None] * w.shape[0]
-        cold = [e for e, s in enumerate(stats) if not _calibrated(s)]
-        hot = [e for e, s in enumerate(stats) if _calibrated(s)]
-        if cold:
-            for e, q in zip(cold, super().quantize_experts(w[cold], cfg, [None] * len(cold))):
-                out[e] = q
-        pooled = len({id(stats[e].hessian) for e in hot}) == 1      # one Hessian shared by all (experts=pooled)
-        out_f, in_f = w.shape[-2:]
-        step = max(1, BATCH_BYTES // (4 * in_f * max(in_f, out_f)))  # Hessians and weight copies per call
-        step = len(hot) if pooled and step >= len(hot) else step
-        for i in range(0, len(hot), step):
-            idx = hot[i:i + step]
-            h = stats[idx[0]].hessian if pooled else torch.stack([stats[e].hessian for e in idx])
-            for e, q in zip(idx, _split(self._gptq(w[idx], h, cfg), cfg)):
+        for idx, h in expert_batches(stats, tuple(w.shape[-2:]), cfg.min_tokens):
+            r = self._rtn(w[idx], cfg) if h is None else self._gptq(w[idx], h, cfg)
+            for e, q in zip(idx, _split(r, cfg)):
                 out[e] = q
         return out
