@@ -5,6 +5,13 @@ kept tensors (their own name, their own dtype).
 Writing is streaming: entries are appended one at a time (a decoder layer at a time), a shard is flushed
 whenever it exceeds ``shard_bytes``, and nothing is visible at the destination until ``commit()`` renames the
 temporary directory. Reading verifies each entry's sha256 and refuses unknown codecs and versions.
+
+Subset reads (nested precisions). An entry of a nested codec (``Codec.nested``: ``bitplanes``, whose r-bit model is
+its first r planes) also records ``part_sha256``, one sha256 per part (``tensors_sha256`` of that part alone), so
+``read_packed(name, parts=[...])`` reads and verifies only the parts asked for. The entry's whole sha256 stays (it
+is what older readers and full reads check). An entry without ``part_sha256`` (another codec, or an artifact
+written before it existed) asked for a subset is read WHOLE and checked against its sha256, then the subset is
+returned: always verified, never partial. ``bytes_read`` counts the tensor bytes a reader has fetched.
 """
 
 from __future__ import annotations
@@ -171,6 +178,8 @@ class ArtifactWriter:
         nbytes = sum(t.numel() * t.element_size() for t in parts.values())
         self._entries[name] = {**info, "codec": codec, "codec_version": codec_cls.version, "parts": sorted(parts),
                                "bytes": nbytes}
+        if getattr(codec_cls, "nested", False):  # its lower precisions read a subset of the parts: one hash each (module docstring)
+            self._entries[name]["part_sha256"] = {}
         self._unhashed.append((self._entries[name], parts))
         self._buf.update({f"{name}.{k}": v for k, v in parts.items()})
 
@@ -207,6 +216,8 @@ class ArtifactWriter:
         """Hash, write the shard, then the record (the background thread; hashing and writing release the GIL)."""
         for info, tensors in unhashed:
             info["sha256"] = tensors_sha256(tensors)
+            if info.get("part_sha256") == {}:  # asked for by add_packed (a nested codec): one hash per part
+                info["part_sha256"] = {k: tensors_sha256({k: t}) for k, t in sorted(tensors.items())}
         # one metadata key only: safetensors writes the map in random order, and resumed runs must be byte-identical
         save_file(buf, str(self.tmp / rec["shard"]), metadata={"format": "pt"})
         os.chmod(self.tmp / rec["shard"], file_mode())  # safetensors creates it 0600; the rest of the artifact is not
@@ -312,7 +323,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 # safetensors' dtype names -> the manifest's (torch) names
 ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-             "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+             "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
              "F8_E5M2": "float8_e5m2"}
 
 
@@ -379,6 +390,7 @@ class ArtifactReader:
         data = read_json(self.path, MANIFEST, "manifest", MAX_MANIFEST_BYTES)
         self.manifest = validate_manifest(data, str(mpath))
         self._handles: dict[str, Any] = {}
+        self.bytes_read = 0
         self.check_shards()
 
     def check_shards(self) -> None:
@@ -421,6 +433,7 @@ class ArtifactReader:
     def from_parts(cls, path: Path, manifest: dict[str, Any]) -> "ArtifactReader":
         self = cls.__new__(cls)
         self.path, self.manifest, self._handles = Path(path), manifest, {}
+        self.bytes_read = 0
         return self
 
     def close(self) -> None:
@@ -450,18 +463,34 @@ class ArtifactReader:
 
     def _get(self, shard: str, key: str) -> torch.Tensor:
         try:
-            return self._shard(shard).get_tensor(key)
+            t = self._shard(shard).get_tensor(key)
+            self.bytes_read += t.numel() * t.element_size()
+            return t
         except ArtifactError:
             raise
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ArtifactError(f"{self.path / shard}: cannot read {key} ({str(e).splitlines()[0][:120]})") from None
 
-    def read_packed(self, name: str) -> dict[str, torch.Tensor]:
+    def read_packed(self, name: str, parts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The parts of entry ``name`` (all, or those named in ``parts``), checksummed: a subset by the per-part
+        hashes where the entry has them, else by reading every part (see the module docstring)."""
         e = self.tensors[name]
-        parts = {k: self._get(e["shard"], f"{name}.{k}") for k in e["parts"]}
-        if tensors_sha256(parts) != e["sha256"]:
+        want = list(e["parts"]) if parts is None else list(parts)
+        unknown = sorted(set(want) - set(e["parts"]))
+        if unknown:
+            raise ArtifactError(f"{self.path / e['shard']}: {name} has no part {unknown[0]!r}")
+        per_part = e.get("part_sha256")
+        if set(want) != set(e["parts"]) and per_part is not None:
+            out = {}
+            for k in want:
+                out[k] = self._get(e["shard"], f"{name}.{k}")
+                if tensors_sha256({k: out[k]}) != per_part[k]:
+                    raise ArtifactError(f"{self.path / e['shard']}: {name}.{k}: checksum mismatch (artifact corrupt)")
+            return out
+        got = {k: self._get(e["shard"], f"{name}.{k}") for k in e["parts"]}
+        if tensors_sha256(got) != e["sha256"]:
             raise ArtifactError(f"{self.path / e['shard']}: {name}: checksum mismatch (artifact corrupt)")
-        return parts
+        return {k: got[k] for k in want}
 
     def read_kept(self, name: str) -> torch.Tensor:
         e = self.kept[name]

@@ -12,7 +12,7 @@ import math
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeq.errors import ArtifactError
 
@@ -36,6 +36,9 @@ def _plain_file(name: str) -> str:
     if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
         raise ValueError(f"{name!r} is not a plain file name inside the artifact")
     return name
+
+
+_SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _part_names(v: list[str]) -> list[str]:
@@ -83,6 +86,15 @@ class Entry(_Stored):
     gate_prob: float | None = Field(None, ge=0)
     fallback: str | None = None
     quant_info: dict[str, Any] | None = None
+    # nested-precision codecs (bitplanes): one sha256 per part, so a load at fewer bits verifies what it reads
+    part_sha256: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _part_hashes(self):
+        ph = self.part_sha256
+        if ph is not None and (sorted(ph) != sorted(self.parts) or not all(_SHA.match(v) for v in ph.values())):
+            raise ValueError("part_sha256 must hold one sha256 hex digest per part of the entry")
+        return self
 
     @field_validator("shape")
     @classmethod

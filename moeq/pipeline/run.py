@@ -391,6 +391,7 @@ class Run:
         self.writer.add_packed(t.name, codec.name, parts, info)
         bias = target_bias(self.model, t)
         decoded = codec.decode(parts, meta, q.shape, codec.version, shared)
+        decoded.shared = q.shared     # the tables the entry references (as the loader sets them from the manifest)
         return runtime_module(a.codec, decoded, bias, shared, a.method)
 
 

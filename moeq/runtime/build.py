@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from moeq.errors import ArtifactError
+from moeq.errors import ArtifactError, MoeqError
 from moeq.formats.container import ArtifactReader
 from moeq.formats.manifest import MANIFEST
 from moeq.models.adapter import Target
@@ -39,14 +39,23 @@ def entry_target(name: str, e: dict) -> Target:
     return Target(name, e["module"], e["param"], e["expert"], e["transposed"], None, tuple(e["shape"]), e["role"])
 
 
-def packed_modules(reader: ArtifactReader, shard: str | None = None) -> dict[Target, torch.nn.Module]:
-    """Runtime modules for every packed entry a reader holds, or those in ``shard`` (decoded, checksummed)."""
+def packed_modules(reader: ArtifactReader, shard: str | None = None,
+                   bits: int | None = None) -> dict[Target, torch.nn.Module]:
+    """Runtime modules for every packed entry a reader holds, or those in ``shard`` (decoded, checksummed).
+    ``bits``: the width to run entries of nested codecs at (``Codec.parts_at``: only the parts of that width are
+    read); entries of other codecs ignore it. None: every entry at its stored precision."""
     modules = {}
     tables: dict[str, SharedTable] = {}
     for name, e in reader.tensors.items():
         if shard is not None and e["shard"] != shard:
             continue
-        parts = reader.read_packed(name)  # checksummed
+        codec = CODECS.get(e["codec"])()
+        try:
+            nested = bits is not None and getattr(codec, "nested", False)
+            wanted = codec.parts_at(e["parts"], e.get("meta", {}), bits) if nested else None
+        except MoeqError as err:  # a width the entry cannot give: say which entry of which artifact
+            raise type(err)(f"{reader.path / MANIFEST}: tensors.{name}: {err}") from None
+        parts = reader.read_packed(name, wanted)  # checksummed
         for s in e.get("shared", []):
             if s not in tables:
                 tables[s] = reader.read_shared(s)
@@ -55,7 +64,6 @@ def packed_modules(reader: ArtifactReader, shard: str | None = None) -> dict[Tar
             b = reader.read_kept(e["bias"])
             bias = b if e["expert"] is None else b[e["expert"]]
         try:
-            codec = CODECS.get(e["codec"])()
             q = codec.decode(parts, e.get("meta", {}), tuple(e["shape"]), e["codec_version"],
                              {s: tables[s] for s in e.get("shared", [])})
             q.shared = tuple(e.get("shared", ()))  # the tables the entry references (the manifest, not the codec)

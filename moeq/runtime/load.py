@@ -50,7 +50,7 @@ def compute_dtype(dtype: str | torch.dtype | None, recorded: torch.dtype | None 
 
 
 def load(path: str | Path, reporter: Reporter = Reporter(), dtype: str | torch.dtype | None = torch.float32,
-         max_memory: int | None = None, offload_dir: str | Path | None = None):
+         max_memory: int | None = None, offload_dir: str | Path | None = None, bits: int | None = None):
     """Load a packed artifact: (model executing packed weights, tokenizer, ArtifactReader). ``dtype`` is the
     compute dtype (see ``compute_dtype``; ``"auto"`` reads the artifact's config): kept floating-point tensors
     (embeddings, norms, routers) are stored in it, so activations and the packed kernels run in it; None keeps the
@@ -59,7 +59,11 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: str | torch.d
     ``max_memory`` (bytes) places the model with accelerate for artifacts larger than memory: embeddings, head and
     the first decoder layers that fit stay in RAM, the rest is decoded once, one layer at a time, into
     ``offload_dir`` (a temp dir by default, removed with the model) and each offloaded layer is read back from
-    disk for its forward (``accelerate.dispatch_model``, disk offload)."""
+    disk for its forward (``accelerate.dispatch_model``, disk offload).
+
+    ``bits`` runs the entries of nested-precision codecs (``bitplanes``) at that width, reading only its bit-planes;
+    other entries load as stored. A width an entry was not fitted for, or an artifact with no nested entry, is a
+    MoeqError before anything is read."""
     from accelerate.utils import set_module_tensor_to_device
 
     from moeq.formats.config import build_config, build_skeleton, check_fits, read_config
@@ -67,6 +71,8 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: str | torch.d
 
     load_builtins()
     reader = ArtifactReader(path)  # manifest and shard headers validated here, before any tensor is read
+    if bits is not None:
+        check_bits(reader, bits)
     model_type, cfg = read_config(Path(path))
     dtype = compute_dtype(dtype, recorded_dtype(cfg))
     config = build_config(Path(path), model_type, cfg, reader.manifest)
@@ -82,7 +88,7 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: str | torch.d
                 t = reader.read_kept(name)
                 t = t.to(dtype) if dtype and t.is_floating_point() else t
                 set_module_tensor_to_device(model, name, "cpu", value=t, dtype=t.dtype)  # no cast back to the skeleton's
-            modules = packed_modules(reader, shard=shard)
+            modules = packed_modules(reader, shard=shard, bits=bits)
             try:
                 install_packed(model, modules)
             except (AttributeError, ValueError, KeyError) as err:
@@ -104,6 +110,20 @@ def load(path: str | Path, reporter: Reporter = Reporter(), dtype: str | torch.d
         model.config.dtype = dtype  # what generate() and the KV cache read
     model.eval()
     return model, load_tokenizer(Path(path)), reader
+
+
+def check_bits(reader: ArtifactReader, bits: int) -> None:
+    """MoeqError unless ``bits`` is a width every nested entry of the artifact can be read at (and one exists)."""
+    from moeq.registry import CODECS
+    nested = {n: e for n, e in reader.tensors.items() if getattr(CODECS.get(e["codec"]), "nested", False)}
+    if not nested:
+        raise MoeqError(f"{reader.path}: no entry stores nested precisions (method matryoshka); cannot load it at "
+                        f"{bits} bits")
+    for name, e in nested.items():
+        try:
+            CODECS.get(e["codec"])().parts_at(e["parts"], e.get("meta", {}), bits)
+        except MoeqError as err:
+            raise type(err)(f"{reader.path / MANIFEST}: tensors.{name}: {err}") from None
 
 
 def load_tokenizer(path: Path):

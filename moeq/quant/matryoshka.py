@@ -1,0 +1,238 @@
+"""Matryoshka: one 8-bit parent code per weight whose top r bits are the r-bit code, for every r in ``widths``
+(see ../shared/methods/matryoshka.md). One artifact holds every precision from 8 down to 2 bits; a loader picks one.
+
+The grid. Per row and group of inputs a range [lo, lo + 256 s] is cut into 256 buckets of width s (the parent
+step). The r-bit child of parent q is ``c = q >> (8 - r)`` and decodes to the CENTRE of its bucket of 2^(8-r)
+parent steps:
+    deq_r(q) = lut_r[c] * s + lo,   lut_r[c] = 2^(8-r) * (c + 1/2)             (asymmetric, lo = min of the group)
+    deq_r(q) = lut_r[c] * s,        lut_r[c] = 2^(8-r) * (c + 1/2 - 2^(r-1))   (symmetric: lo = -absmax,
+                                                                                s = 2 absmax / 256)
+So a symmetric width is one global LUT of 2^r levels times a per-group scale: ``moeq.kernels.lut_linear`` runs it.
+Every level sits at a centre, none at zero (an all-zero group gets s = 0 and decodes to exact zeros).
+
+Nesting for free. The floor parent q = clamp(floor((w - lo) / s), 0, 255) puts w in the bucket that contains it
+at every width at once, and a bucket's centre is the nearest r-bit level to any point of it: the floor parent
+minimizes (w - deq_r(q))^2 for every r simultaneously, hence sum_r λ_r (w - deq_r(q))^2 for any λ >= 0 (the
+method note's exhaustive search returns the same codes). No search over the 256 codes is needed.
+
+Two modes:
+  - ``data_free``: the floor parent of the weight (the strongest data-free baseline).
+  - ``data_driven`` (default): GPTQ (``moeq.quant.gptq``) with ``NestedGrid``: each column's parent is the floor
+    parent of the column as updated by the earlier columns' errors (the multi-width minimizer, above), and the
+    error fed back is w - the λ-weighted AVERAGE of deq_r over ``widths`` (MatGPTQ's averaged residual), so the
+    compensation serves every width; λ trades the 8-bit quality for the low widths'.
+Scales (and offsets) are rounded to float16 before the codes are chosen, so the codes decode bit-exactly.
+
+QTensor tensors: ``codes`` uint8 [out, in] (the parent, < 2^bits), ``scale`` float16 [out, n_groups] (s),
+``offset`` float16 [out, n_groups] (lo; asymmetric only); meta {bits (8 for the parent, r for a child read at r
+bits), widths (descending, the widths the parent was fitted for and may be read at), group_size, sym}. Group j
+covers inputs [j*g, (j+1)*g) (the last may be shorter); group_size 0 = one group per row. ``info``: the mode and
+``out_err`` {width: error} with ``metric`` ``output`` (tr(dW_r H dW_r^T), H the input Hessian 2 X^T X / n) or
+``weight_mse`` (no Hessian: data-free mode or no calibration tokens), for a later bit allocation per expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from moeq.quant.base import CalibSpec, QTensor, Quantizer, SharedTable
+from moeq.quant.gptq import GridResult, gptq, rtn
+from moeq.quant.uniform import FP16_MAX, FP16_MIN, GPTQOptions, expert_batches
+from moeq.registry import QUANTIZERS
+
+PARENT_BITS = 8
+WIDTHS = (8, 6, 4, 3, 2)
+# default λ per width (data-driven mode). The r = 2 error dominates the averaged residual, and the 8-bit model pays
+# for its compensation; twice the weight on 8 bits keeps it within 0.25% ppl of plain int8 on tiny-moe (equal λ:
+# +0.34%, λ_8 = 4: +0.18% but r = 2 gains half as much; 2x on r = 2: +0.52%), see the ``weights`` option
+DEFAULT_WEIGHTS = {8: 2.0, 7: 1.0, 6: 1.0, 5: 1.0, 4: 1.0, 3: 1.0, 2: 1.0}
+
+
+# ------------------------------------------------------------------------------------------------- the grid
+
+def width_lut(bits: int, sym: bool) -> torch.Tensor:
+    """float32 [2^bits]: the bucket centres of an r-bit child in parent steps (exact small dyadic numbers)."""
+    c = torch.arange(1 << bits, dtype=torch.float64) + 0.5
+    if sym:
+        c -= 1 << (bits - 1)
+    return (c * (1 << (PARENT_BITS - bits))).float()
+
+
+def child(parent: torch.Tensor, bits: int) -> torch.Tensor:
+    """The r-bit codes of 8-bit parents: their top r bits."""
+    return parent >> (PARENT_BITS - bits)
+
+
+def decode(codes: torch.Tensor, bits: int, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """float32 lut_bits[codes] * scale (+ offset), scale/offset broadcast with codes: what the codec's parts and
+    the runtime decode to."""
+    v = width_lut(bits, offset is None).to(codes.device)[codes.long()] * scale.float()
+    return v if offset is None else v + offset.float()
+
+
+def floor_parent(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """uint8 parents: clamp(floor((w - lo) / s), 0, 255) (lo = -128 s when symmetric); s = 0 gives the middle
+    (symmetric) or the bottom (asymmetric) bucket, which decodes to 0 / lo at every width."""
+    s = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if offset is None:
+        q = torch.floor(w / s) + (1 << (PARENT_BITS - 1))
+    else:
+        q = torch.floor((w - offset) / s)
+    return q.clamp_(0, (1 << PARENT_BITS) - 1).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class NestedGrid:
+    """The nested grid as a ``moeq.quant.gptq.ColumnGrid``. ``quantize`` returns the floor parents and, as
+    ``deq``, the λ-weighted average over ``weights`` ((width, λ) pairs) of what each width decodes to: the
+    residual GPTQ feeds back (MatGPTQ). With one width of λ > 0 it is exactly that width's decoded weight.
+    Parameters per row (and group): ``scale`` s (float16-rounded, 0 for an all-zero or constant group) and, when
+    asymmetric, ``offset`` lo = min (float16-rounded)."""
+
+    sym: bool = True
+    weights: tuple[tuple[int, float], ...] = ((PARENT_BITS, 1.0),)
+    code_dtype: ClassVar[torch.dtype] = torch.uint8
+
+    def params(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.sym:
+            amax = w.abs().amax(-1)
+            scale = (amax * (2 / 256)).clamp(FP16_MIN, FP16_MAX).half().to(w.dtype)
+            return {"scale": scale.masked_fill(amax == 0, 0.0)}
+        lo = w.amin(-1).clamp(-FP16_MAX, FP16_MAX).half().to(w.dtype)
+        span = w.amax(-1) - lo
+        scale = (span / 256).clamp(FP16_MIN, FP16_MAX).half().to(w.dtype)
+        return {"scale": scale.masked_fill(span <= 0, 0.0), "offset": lo}
+
+    def quantize(self, w, params):
+        scale, offset = params["scale"], params.get("offset")
+        q = floor_parent(w, scale, offset)
+        total = sum(lam for _, lam in self.weights)
+        deq = sum(lam * decode(child(q, r), r, scale, offset).to(w.dtype) for r, lam in self.weights if lam)
+        return deq / total if total != 1 else deq, q
+
+
+def nested_dequantize(codes: torch.Tensor, bits: int, scale: torch.Tensor, offset: torch.Tensor | None,
+                      group_size: int) -> torch.Tensor:
+    """float32 [out, in] of r-bit codes, group-wise; bit-identical to ``decode`` with column-expanded params."""
+    out_f, in_f = codes.shape
+    ng = scale.shape[1]
+    g = group_size or in_f
+    c = F.pad(codes, (0, ng * g - in_f)) if ng * g != in_f else codes
+    c = c.view(out_f, ng, g)
+    w = decode(c, bits, scale[..., None], None if offset is None else offset[..., None])
+    return w.view(out_f, ng * g)[:, :in_f]
+
+
+def width_errors(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                 widths: tuple[int, ...], group_size: int, h: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    """Per width r, per expert [E]: tr(dW_r H dW_r^T) (``h`` [in, in] or [E, in, in]) or, without ``h``, the
+    weight MSE of dW_r = w - deq_r; ``w``/``codes`` [E, out, in], params [E, out, n_groups]."""
+    out = {}
+    for r in widths:
+        deq = torch.stack([nested_dequantize(child(codes[e], r), r, scale[e], None if offset is None else offset[e],
+                                             group_size) for e in range(w.shape[0])])
+        dw = w.float() - deq
+        out[r] = dw.square().mean((-2, -1)) if h is None else ((dw @ h.float()) * dw).sum((-2, -1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the method
+
+class MatryoshkaConfig(GPTQOptions):
+    widths: tuple[int, ...] = Field(WIDTHS, description="the widths the parent is fitted for and may be read at "
+                                                        "(descending, 8 first)")
+    weights: tuple[float, ...] | None = Field(
+        None, description="data-driven: λ per width (as ``widths``) of the averaged residual; null = the default "
+                          "per width (8: 2, others 1)")
+    group_size: Literal[0, 64, 128] = Field(64, description="inputs per scale group; 0 = one per row (64 and 128 "
+                                                            "run the LUT kernel at 2, 3 and 4 bits)")
+    sym: bool = Field(True, description="symmetric [-absmax, absmax] groups (one LUT per width, the LUT kernel); "
+                                        "false: [min, max] with a float16 offset per group")
+    mode: Literal["data_free", "data_driven"] = Field(
+        "data_driven", description="data_free: the floor parent (nearest level at every width); data_driven: GPTQ "
+                                   "on the nested grid, feeding back the λ-averaged residual")
+
+    @model_validator(mode="after")
+    def _check(self):
+        w = self.widths
+        if not w or w[0] != PARENT_BITS or list(w) != sorted(set(w), reverse=True) or min(w) < 2:
+            raise ValueError(f"widths must be distinct, descending, start at 8 and stay >= 2, got {list(w)}")
+        if self.weights is not None and (len(self.weights) != len(w) or min(self.weights) < 0
+                                         or not sum(self.weights) > 0):
+            raise ValueError(f"weights: one λ >= 0 per width ({len(w)}), not all zero, got {list(self.weights)}")
+        return self
+
+    def lambdas(self) -> tuple[tuple[int, float], ...]:
+        lam = self.weights if self.weights is not None else [DEFAULT_WEIGHTS[r] for r in self.widths]
+        return tuple(zip(self.widths, (float(x) for x in lam)))
+
+
+def _round(v: float) -> float:
+    return float(f"{v:.6g}")
+
+
+@QUANTIZERS.register("matryoshka")
+class MatryoshkaQuantizer(Quantizer):
+    """Nested 8-bit parents (bitplanes codec), data-free or GPTQ on the multi-width objective. A weight without
+    calibration tokens in data-driven mode gets the floor parent (its ``info`` says so)."""
+
+    name = "matryoshka"
+    codec = "bitplanes"
+    Config = MatryoshkaConfig
+
+    def calibration(self, cfg: MatryoshkaConfig) -> CalibSpec:
+        if cfg.mode != "data_driven":
+            return CalibSpec()
+        return cfg.calib_spec()
+
+    def _qtensors(self, w, r: GridResult, cfg, h, info: dict) -> list[QTensor]:
+        scale, offset = r.params["scale"], r.params.get("offset")
+        errs = width_errors(w, r.codes, scale, offset, cfg.widths, cfg.group_size, h)
+        meta = {"bits": PARENT_BITS, "widths": list(cfg.widths), "group_size": cfg.group_size, "sym": cfg.sym}
+        out = []
+        for e in range(w.shape[0]):
+            t = {"codes": r.codes[e], "scale": scale[e].half()}
+            if offset is not None:
+                t["offset"] = offset[e].half()
+            i = {**info, "metric": "weight_mse" if h is None else "output",
+                 "out_err": {str(k): _round(float(v[e])) for k, v in errs.items()}}
+            if getattr(r, "fallback", ()):
+                i["gptq_fallback"] = r.fallback[e]
+            out.append(QTensor(tuple(r.codes[e].shape), t, dict(meta), info=i))
+        return out
+
+    def _data_free(self, w: torch.Tensor, cfg, note: str | None = None) -> list[QTensor]:
+        w = w.detach().float()
+        r = rtn(w, NestedGrid(cfg.sym), cfg.group_size)
+        info = {"mode": "data_free"} if note is None else {"mode": "data_free", "fallback": note}
+        return self._qtensors(w, r, cfg, None, info)
+
+    def _data_driven(self, w: torch.Tensor, h: torch.Tensor, cfg) -> list[QTensor]:
+        w = w.detach().float()
+        r = gptq(w, h.float(), NestedGrid(cfg.sym, cfg.lambdas()), group_size=cfg.group_size,
+                 block_size=cfg.block_size, percdamp=cfg.percdamp, act_order=cfg.act_order, static_groups=True)
+        return self._qtensors(w, r, cfg, h, {"mode": "data_driven"})
+
+    def quantize(self, w, cfg, stats, shared=None):
+        return self.quantize_experts(w[None], cfg, [stats], shared)[0]
+
+    def quantize_experts(self, w, cfg, stats, shared=None):
+        """Data-free: the floor parents a chunk of experts at a time. Data-driven: one batched GPTQ call per chunk
+        of calibrated experts (``expert_batches``), the rest data-free."""
+        out: list[QTensor | None] = [None] * w.shape[0]
+        note = "no calibration tokens: floor parent" if cfg.mode == "data_driven" else None
+        for idx, h in expert_batches(stats, tuple(w.shape[-2:]), cfg.min_tokens, cfg.mode == "data_driven"):
+            qs = self._data_free(w[idx], cfg, note) if h is None else self._data_driven(w[idx], h, cfg)
+            for e, q in zip(idx, qs):
+                out[e] = q
+        return out
+
+    def dequantize(self, q: QTensor, shared: dict[str, SharedTable] | None = None) -> torch.Tensor:
+        t = q.tensors
+        return nested_dequantize(t["codes"], int(q.meta["bits"]), t["scale"], t.get("offset"),
+                                 int(q.meta["group_size"]))

@@ -1,0 +1,91 @@
+"""Executing ``bitplanes`` weights at the width they were loaded at (r bits, the first r planes):
+W[o, i] = lut_r[code[o, i]] * scale[o, group(i)] (+ offset[o, group(i)] when asymmetric), in float32
+(``moeq.quant.matryoshka``).
+
+Two routes, fixed at construction from the width, the grid and the shape (never a float copy of W kept):
+
+* kernel route (symmetric; r = 2, 3, 4; ``moeq.runtime.nupes.kernel_group`` accepts the group): a symmetric width
+  is one global LUT of 2^r levels times the per-group scale, exactly ``moeq.kernels.lut_linear``'s operation: the
+  codes are held in the kernel layout, the scales as float32, the width's LUT as float32.
+* fallback (r = 5..8, asymmetric grids, other shapes): the r-bit codes bitpacked (``moeq.formats.bitpack``) and the
+  float16 scales/offsets as stored; per forward they are decoded in float32 a row tile at a time into one buffer in
+  x's dtype, then one ``F.linear``.
+
+Both round the float32 weight once to the compute dtype: a forward equals ``F.linear(x, dequantized(x.dtype))``
+up to GEMM summation order. Buffers that are the code keep their dtypes through ``.to(dtype)``; ``bias`` follows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeq.formats import bitpack
+from moeq.kernels import lut as lut_kernels
+from moeq.quant.base import QTensor
+from moeq.quant.matryoshka import nested_dequantize, width_lut
+from moeq.registry import RUNTIMES
+from moeq.runtime.nupes import kernel_group
+
+TILE_BYTES = 4 << 20           # fallback: float32 weight rows decoded per step
+EXACT = ("packed", "qweight", "scales", "scale", "offset", "lut")      # buffers whose dtype is part of the format
+
+
+@RUNTIMES.register("bitplanes")
+class MatryoshkaLinear(torch.nn.Module):
+    """``x @ W.T + bias`` for x of any leading shape (float32 / bfloat16 / float16) at the loaded width; one
+    instance per weight (per expert in an MoE layer)."""
+
+    def __init__(self, q: QTensor, bias: torch.Tensor | None, shared: dict | None = None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.bits, self.group_size, self.sym = int(q.meta["bits"]), int(q.meta["group_size"]), bool(q.meta["sym"])
+        t = q.tensors
+        codes = t["codes"].contiguous()
+        self.kernel_group = kernel_group(self.bits, self.group_size, self.in_features) if self.sym else None
+        if self.kernel_group is not None:
+            self.register_buffer("packed", lut_kernels.pack_for_kernel(codes, self.bits))
+            self.register_buffer("scales", t["scale"].float().contiguous())
+            self.register_buffer("lut", width_lut(self.bits, True))
+        else:
+            self.register_buffer("qweight", bitpack.pack(codes, self.bits))
+            self.register_buffer("scale", t["scale"].contiguous())
+            self.register_buffer("offset", None if self.sym else t["offset"].contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def extra_repr(self) -> str:
+        route = "lut_linear" if self.kernel_group is not None else "dequantize+linear"
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
+                f"sym={self.sym}, route={route}, bias={self.bias is not None}")
+
+    def _apply(self, fn, *args, **kwargs):
+        """Device moves apply to every buffer; dtype casts only to ``bias``."""
+        before = {k: self._buffers[k] for k in EXACT if self._buffers.get(k) is not None}
+        super()._apply(fn, *args, **kwargs)
+        for k, old in before.items():
+            new = self._buffers[k]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[k] = old.to(new.device)
+        return self
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The effective [out, in] weight in ``dtype`` (computed in float32, rounded once)."""
+        if self.kernel_group is not None:
+            return lut_kernels.dequantize_packed(self.packed, self.lut, self.scales, self.kernel_group, self.bits,
+                                                 self.in_features, dtype)
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.qweight.device)
+        step = max(1, TILE_BYTES // (4 * self.in_features))
+        for r0 in range(0, self.out_features, step):
+            r1 = min(r0 + step, self.out_features)
+            codes = bitpack.unpack(self.qweight[r0:r1], self.bits, self.in_features)
+            off = None if self.offset is None else self.offset[r0:r1]
+            out[r0:r1] = nested_dequantize(codes, self.bits, self.scale[r0:r1], off, self.group_size)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_group is not None:
+            y = lut_kernels.lut_linear(x, self.packed, self.lut, self.scales, self.kernel_group, self.bits,
+                                       self.out_features, self.in_features)
+        else:
+            y = F.linear(x, self.dequantized(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -1,0 +1,381 @@
+"""Matryoshka nested precisions: the grid (children are top bits, the floor parent is the multi-width optimum,
+decoding is bit-exact at every width), GPTQ on the multi-width objective, the ``bitplanes`` codec (prefix decode,
+per-part checksums, r/8 of the code bytes read), the runtime at every width, loading and extracting at r bits."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from moeq import api
+from moeq.errors import ArtifactError, MoeqError
+from moeq.formats import bitplanes
+from moeq.formats.codecs.bitplanes import BitplanesCodec
+from moeq.formats.container import ArtifactReader
+from moeq.pipeline.extract import extract
+from moeq.quant.base import QTensor, Stats
+from moeq.quant.gptq import group_params
+from moeq.quant.matryoshka import (
+    MatryoshkaConfig,
+    MatryoshkaQuantizer,
+    NestedGrid,
+    child,
+    decode,
+    floor_parent,
+    width_errors,
+    width_lut,
+)
+from moeq.recipes import Recipe
+from moeq.registry import load_builtins
+from moeq.runtime.build import packed_modules
+from moeq.runtime.matryoshka import MatryoshkaLinear
+from tests.conformance import CodecConformance, QuantizerConformance, _equal
+from tests.tiny_models import V, build
+
+load_builtins()
+Q = MatryoshkaQuantizer()
+CODEC = BitplanesCodec()
+WIDTHS = (8, 6, 4, 3, 2)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------- the grid
+
+def test_lut_is_the_bucket_centres():
+    assert width_lut(2, True).tolist() == [-96.0, -32.0, 32.0, 96.0]      # 64 parent steps a bucket, centred
+    assert width_lut(2, False).tolist() == [32.0, 96.0, 160.0, 224.0]
+    assert width_lut(8, True)[[0, 127, 128, 255]].tolist() == [-127.5, -0.5, 0.5, 127.5]
+
+
+def test_children_are_the_top_bits_and_the_plane_prefixes():
+    q = torch.randint(0, 256, (7, 45), dtype=torch.uint8, generator=_gen(0))
+    planes = bitplanes.split_planes(q, 8)
+    for r in WIDTHS:
+        c = child(q, r)
+        assert int(c.max()) < 1 << r
+        assert torch.equal(c, q // (1 << (8 - r)))
+        assert torch.equal(bitplanes.join_planes(planes[:r], 45), c)
+
+
+def test_plane_bit_order_example():
+    """The docstring's example: codes 5 0 7 1 2 3 6 4 (3 bits), inputs 7..0 read right to left."""
+    codes = torch.tensor([[5, 0, 7, 1, 2, 3, 6, 4]], dtype=torch.uint8)
+    planes = bitplanes.split_planes(codes, 3)
+    assert [int(p[0, 0]) for p in planes] == [0b1100_0101, 0b0111_0100, 0b0010_1101]
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_floor_parent_is_the_brute_force_multi_width_optimum(sym):
+    """For random λ, the floor parent minimizes sum_r λ_r (w - deq_r(q))^2 over all 256 parents."""
+    w = torch.randn(6, 64, generator=_gen(1), dtype=torch.float64) * 0.03
+    p = NestedGrid(sym).params(w)
+    scale, offset = p["scale"][:, None], (p["offset"][:, None] if not sym else None)
+    lam = torch.rand(len(WIDTHS), generator=_gen(2), dtype=torch.float64) + 0.1
+    allq = torch.arange(256, dtype=torch.uint8)
+
+    def objective(q):   # q [..., out, in] broadcast against w
+        return sum(lam[i] * (w - decode(child(q, r), r, scale, offset).double()).square()
+                   for i, r in enumerate(WIDTHS))
+
+    every = objective(allq[:, None, None].expand(256, *w.shape))            # [256, out, in]
+    best = every.argmin(0).to(torch.uint8)
+    fq = floor_parent(w, scale, offset)
+    torch.testing.assert_close(objective(fq), every.min(0).values, rtol=0, atol=1e-15)
+    assert torch.equal(fq, best)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_deq_is_bit_exact_what_the_codec_decodes_at_every_width(sym):
+    w = torch.randn(24, 200, generator=_gen(3)) * 0.05
+    w[3, :64] = 0                                                      # an all-zero group
+    q = Q.quantize(w, MatryoshkaConfig(mode="data_free", sym=sym), None)
+    parts, meta = _encode_json(q)
+    params = group_params(w[None], NestedGrid(sym), 64)
+    for r in WIDTHS:
+        names = CODEC.parts_at(sorted(parts), meta, r)
+        back = CODEC.decode({k: parts[k] for k in names}, meta, q.shape, 1)
+        assert back.meta == {"bits": r, "widths": list(WIDTHS), "group_size": 64, "sym": sym}
+        assert torch.equal(back.tensors["codes"], child(q.tensors["codes"], r))
+        # the grid's deq at this width alone (λ only on r) is exactly what the stored parts decode to
+        grid = NestedGrid(sym, ((r, 1.0),))
+        gidx = torch.arange(200) // 64
+        cols = {k: v[0][:, gidx] for k, v in params.items()}
+        deq, codes = grid.quantize(w, cols)
+        assert torch.equal(codes, q.tensors["codes"])
+        assert torch.equal(deq, Q.dequantize(back))
+    assert torch.equal(Q.dequantize(q)[3, :64], torch.zeros(64))
+
+
+def _encode_json(q):
+    parts, meta = CODEC.encode(q)
+    return parts, json.loads(json.dumps(meta))
+
+
+# ------------------------------------------------------------------------------------------------ the method
+
+def _hessian_stats(in_f, seed=0, n=512):
+    """Correlated inputs (a random mixing of a few strong directions), their H = 2 X^T X / n."""
+    g = _gen(seed)
+    z = torch.randn(n, in_f, generator=g)
+    mix = torch.eye(in_f) + 0.8 * torch.randn(in_f, in_f, generator=g) / in_f ** 0.5
+    x = z @ mix * (torch.rand(in_f, generator=g) * 3 + 0.2)
+    return Stats(tokens=n, values={"hessian": 2 * x.t() @ x / n})
+
+
+class TestMatryoshkaQuantizer(QuantizerConformance):
+    quantizer = Q
+    # data-driven: the 8-bit parent also carries GPTQ's compensation of the low widths' error (the λ-averaged
+    # residual), so its weight SQNR is far below the floor parent's (the price of nesting, see the module)
+    configs = [("data-free sym", MatryoshkaConfig(mode="data_free"), 43.0),
+               ("data-free asym", MatryoshkaConfig(mode="data_free", sym=False), 43.0),
+               ("data-driven sym", MatryoshkaConfig(), 16.0),
+               ("data-driven asym per-row", MatryoshkaConfig(sym=False, group_size=0), 16.0)]
+
+    def stats_for(self, cfg, x):
+        return Stats(tokens=x.shape[0], values={"hessian": 2 * x.t() @ x / x.shape[0]}) if Q.needs_calibration(cfg) \
+            else None
+
+    def constant_row(self, cfg, row):
+        """Symmetric: the top centre, absmax (1 - 2^-8); asymmetric: a zero-width range decodes to lo itself."""
+        return (row * (1 - 2 ** -8), 1e-6) if cfg.sym else (row, 1e-6)
+
+
+def test_gptq_multi_width_beats_the_floor_parent_at_low_widths():
+    w = torch.randn(4, 64, 256, generator=_gen(5)) * 0.02
+    st = [_hessian_stats(256, seed=e) for e in range(4)]
+    df = Q.quantize_experts(w, MatryoshkaConfig(mode="data_free"), st)
+    dd = Q.quantize_experts(w, MatryoshkaConfig(), st)
+
+    def out_err(qs, r):
+        return sum(float(width_errors(w[e:e + 1], q.tensors["codes"][None], q.tensors["scale"][None], None,
+                                      (r,), 64, st[e].hessian)[r]) for e, q in enumerate(qs))
+
+    for r in (3, 2):
+        assert out_err(dd, r) < 0.9 * out_err(df, r), r
+    # the manifest diagnostics are those output errors
+    assert dd[0].info["metric"] == "output" and df[0].info["metric"] == "weight_mse"
+    e0 = float(width_errors(w[:1], dd[0].tensors["codes"][None], dd[0].tensors["scale"][None], None, (2,), 64,
+                            st[0].hessian)[2])
+    assert dd[0].info["out_err"]["2"] == pytest.approx(e0, rel=1e-5)
+    assert set(dd[0].info["out_err"]) == {str(r) for r in WIDTHS}
+
+
+def test_uncalibrated_experts_get_the_floor_parent():
+    w = torch.randn(3, 16, 128, generator=_gen(6)) * 0.02
+    st = [_hessian_stats(128), None, Stats(tokens=0)]
+    qs = Q.quantize_experts(w, MatryoshkaConfig(), st)
+    assert [q.info["mode"] for q in qs] == ["data_driven", "data_free", "data_free"]
+    ref = Q.quantize_experts(w[1:], MatryoshkaConfig(mode="data_free"), [None, None])
+    assert all(torch.equal(a.tensors["codes"], b.tensors["codes"]) for a, b in zip(qs[1:], ref))
+
+
+def test_config_is_checked():
+    for bad in ({"widths": [6, 4]}, {"widths": [8, 4, 4]}, {"widths": [8, 1]}, {"weights": [1, 1]},
+                {"group_size": 32}, {"typo": 1}):
+        with pytest.raises(ValueError):
+            MatryoshkaConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------------------- the codec
+
+def _make(shape, seed, sym=True, bits=8):
+    g = _gen(seed)
+    out_f, in_f = shape
+    codes = torch.randint(0, 1 << bits, shape, dtype=torch.uint8, generator=g)
+    codes.view(-1)[:min(codes.numel(), 1 << bits)] = torch.arange(min(codes.numel(), 1 << bits), dtype=torch.uint8)
+    ng = -(-in_f // 64)
+    t = {"codes": codes, "scale": (torch.rand(out_f, ng, generator=g) * 0.01).half()}
+    if not sym:
+        t["offset"] = (-torch.rand(out_f, ng, generator=g) * 0.5).half()
+    return QTensor(shape, t, {"bits": bits, "widths": list(WIDTHS), "group_size": 64, "sym": sym})
+
+
+class TestBitplanesCodec(CodecConformance):
+    codec = CODEC
+
+    def make(self, shape, seed):
+        return _make(shape, seed)
+
+
+class TestBitplanesCodecAsym(CodecConformance):
+    codec = CODEC
+
+    def make(self, shape, seed):
+        return _make(shape, seed, sym=False, bits=3)
+
+    def test_golden_file(self):
+        pytest.skip("one golden file per codec version: TestBitplanesCodec's")
+
+
+def test_prefix_decode_and_its_checks():
+    q = _make((5, 70), 0, sym=False)
+    parts, meta = CODEC.encode(q)
+    back = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, 3)}, meta, q.shape, 1)
+    assert back.meta["bits"] == 3 and torch.equal(back.tensors["codes"], q.tensors["codes"] >> 5)
+    assert torch.equal(back.tensors["offset"], q.tensors["offset"])
+    assert CODEC.parts_at(sorted(parts), meta, None) == sorted(parts)
+    with pytest.raises(MoeqError, match="not a width"):
+        CODEC.parts_at(sorted(parts), meta, 5)
+    bad = {"plane0": parts["plane0"], "plane2": parts["plane2"], "scale": parts["scale"], "offset": parts["offset"]}
+    cases = [bad,                                                                  # not a prefix
+             {k: v for k, v in parts.items() if k != "offset"},                     # asym without its offset
+             {**parts, "plane7": parts["plane7"][:, :-1]},                          # a short plane
+             {**parts, "plane1": parts["plane1"] | 0x80},                           # pad bits set (70 % 8 = 6)
+             {**parts, "scale": parts["scale"].float()},
+             {**parts, "scale": -parts["scale"]},
+             {k: v for k, v in parts.items() if k not in ("plane5", "plane6", "plane7")}]  # 5 planes: not a width
+    for p in cases:
+        with pytest.raises(ArtifactError):
+            CODEC.decode(p, meta, q.shape, 1)
+    for m in ({**meta, "widths": [6, 8]}, {**meta, "bits": 9}, {**meta, "group_size": 32}, {**meta, "sym": 1},
+              {**meta, "in_features": 71},
+              {k: v for k, v in meta.items() if k != "widths"}):
+        with pytest.raises(ArtifactError):
+            CODEC.decode(parts, m, q.shape, 1)
+    with pytest.raises(ArtifactError):
+        CODEC.decode(parts, meta, q.shape, 2)
+
+
+# ----------------------------------------------------------------------------------------------- the runtime
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_runtime_at_every_width_is_the_dequantized_linear(sym):
+    w = torch.randn(48, 192, generator=_gen(7)) * 0.02
+    bias = torch.randn(48, generator=_gen(8))
+    parts, meta = CODEC.encode(Q.quantize(w, MatryoshkaConfig(mode="data_free", sym=sym), None))
+    x = torch.randn(3, 5, 192, generator=_gen(9))
+    for r in (8, 4, 3, 2):
+        q = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, r)}, meta, (48, 192), 1)
+        mod = MatryoshkaLinear(q, bias)
+        assert (mod.kernel_group is not None) == (sym and r <= 4)             # the LUT kernel where it applies
+        deq = Q.dequantize(q)
+        assert torch.equal(mod.dequantized(), deq)
+        torch.testing.assert_close(mod(x), torch.nn.functional.linear(x, deq, bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mod(x[0, :1]), torch.nn.functional.linear(x[0, :1], deq, bias),
+                                   rtol=1e-5, atol=1e-5)                      # one token: the matvec
+        xb = x.bfloat16()
+        torch.testing.assert_close(mod.to(torch.bfloat16)(xb).float(),
+                                   torch.nn.functional.linear(xb, deq.bfloat16(), bias.bfloat16()).float(),
+                                   rtol=2e-2, atol=2e-2)
+
+
+# -------------------------------------------------------------------------------------- artifact end to end
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A tiny Mixtral whose LM head is sharpened (confident next-token predictions), quantized data-driven, and
+    text sampled from the float model (what a quantized model should still predict)."""
+    torch.manual_seed(0)
+    m = build("mixtral")
+    with torch.no_grad():
+        m.lm_head.weight.mul_(40)
+        text = m.generate(torch.randint(0, V, (8, 1), generator=_gen(10)), max_new_tokens=39, do_sample=True,
+                          min_new_tokens=39, pad_token_id=0)
+    out = tmp_path_factory.mktemp("mq") / "art"
+    api.quantize_model(m, out, Recipe(method="matryoshka"), calib_ids=text[:4])
+    return out, text[4:]
+
+
+def _nll(path, ids, bits):
+    from moeq.eval.perplexity import perplexity
+    model, _, _ = api.load(str(path), bits=bits)
+    return perplexity(model, ids).ppl
+
+
+def test_loading_at_fewer_bits_degrades_gracefully(artifact):
+    path, ids = artifact
+    entries = json.loads((path / "moeq.json").read_text())["tensors"]
+    assert entries and all(e["codec"] == "bitplanes" and e["meta"]["bits"] == 8 for e in entries.values())
+    assert all(set(e["quant_info"]["out_err"]) == {"8", "6", "4", "3", "2"} for e in entries.values())
+    p8, p3 = _nll(path, ids, 8), _nll(path, ids, 3)
+    assert torch.isfinite(torch.tensor([p8, p3])).all()
+    assert p3 > p8 * 1.01, (p3, p8)
+    assert _nll(path, ids, None) == p8                                       # the default is the full parent
+
+
+def test_reading_r_bits_reads_r_planes(artifact):
+    path, _ = artifact
+    full = ArtifactReader(path)
+    packed_modules(full)
+    at2 = ArtifactReader(path)
+    packed_modules(at2, bits=2)
+    scales = sum(e["bytes"] - 8 * e["shape"][0] * bitplanes.plane_bytes(e["shape"][1])
+                 for e in full.tensors.values())
+    assert (at2.bytes_read - scales) * 4 == full.bytes_read - scales         # 2 of 8 planes of code bytes
+    with pytest.raises(MoeqError, match="not a width"):
+        api.load(str(path), bits=5)
+
+
+def _flip(path, entry, part):
+    """Flip one byte of tensor ``entry.part`` in its shard (safetensors: u64 header size, JSON header, data)."""
+    e = json.loads((path / "moeq.json").read_text())["tensors"][entry]
+    shard = path / e["shard"]
+    raw = bytearray(shard.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    start = json.loads(raw[8:8 + n])[f"{entry}.{part}"]["data_offsets"][0]
+    raw[8 + n + start] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+
+
+def test_per_part_checksums(artifact, tmp_path):
+    import shutil
+    path = tmp_path / "art"
+    shutil.copytree(artifact[0], path)
+    name = next(iter(json.loads((path / "moeq.json").read_text())["tensors"]))
+    _flip(path, name, "plane5")
+    with pytest.raises(ArtifactError, match="checksum"):
+        api.load(str(path), bits=8)
+    with pytest.raises(ArtifactError, match="checksum"):
+        api.load(str(path))
+    api.load(str(path), bits=4)                        # plane5 is not read at 4 bits
+    # an artifact without per-part hashes (written before them): a subset is read whole and verified
+    man = json.loads((path / "moeq.json").read_text())
+    for e in man["tensors"].values():
+        del e["part_sha256"]
+    (path / "moeq.json").write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match="checksum"):
+        api.load(str(path), bits=4)
+    # a malformed per-part map is refused before anything is read
+    man["tensors"][name]["part_sha256"] = {"plane0": "0" * 64}
+    (path / "moeq.json").write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match="part_sha256"):
+        ArtifactReader(path)
+
+
+def test_extract_keeps_r_planes(artifact, tmp_path):
+    path, ids = artifact
+    out = extract(path, 3, tmp_path / "x3")
+    man = json.loads((out / "moeq.json").read_text())
+    src = json.loads((path / "moeq.json").read_text())
+    e = next(iter(man["tensors"].values()))
+    assert e["parts"] == ["plane0", "plane1", "plane2", "scale"] and e["meta"]["bits"] == 3
+    assert man["totals"]["quantized_bytes"] < 0.5 * src["totals"]["quantized_bytes"]
+    assert man["kept"].keys() == src["kept"].keys()
+    assert _nll(out, ids, None) == _nll(path, ids, 3)                       # the same model as a 3-bit load
+    assert _nll(out, ids, 2) == _nll(path, ids, 2)
+    with pytest.raises(MoeqError, match="only 3 bit-planes"):
+        api.load(str(out), bits=4)
+    with pytest.raises(MoeqError, match="no entry stores nested"):
+        api.load(str(_plain_artifact(tmp_path)), bits=3)
+
+
+def _plain_artifact(tmp_path):
+    out = tmp_path / "plain"
+    api.quantize_model(build("mixtral"), out, Recipe(method="rtn", options={"bits": 4}))
+    return out
+
+
+def test_a_width_read_reencodes_to_its_planes():
+    """A decoded r-bit QTensor re-encodes to r planes that decode back to it (extraction's step)."""
+    q = _make((9, 130), 4)
+    parts, meta = CODEC.encode(q)
+    q3 = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, 3)}, meta, q.shape, 1)
+    p3, m3 = CODEC.encode(q3)
+    assert sorted(p3) == ["plane0", "plane1", "plane2", "scale"] and m3["bits"] == 3
+    assert _equal(CODEC.decode(p3, m3, q.shape, 1), q3)
