@@ -234,6 +234,12 @@ def golden_dictionary() -> tuple[str, td.Dictionary]:
     return name, td.build_dictionary(probs, max_len, size)
 
 
+def expanded(q: QTensor, d: td.Dictionary) -> QTensor:
+    """The symbols form of a decoded (compressed) QTensor: what the quantizer wrote, if the code round-trips."""
+    t = q.tensors
+    return QTensor(q.shape, {"symbols": td.symbols_of(q, d), "lo": t["lo"], "hi": t["hi"]}, q.meta, q.shared)
+
+
 def make_q(shape, seed, name) -> QTensor:
     out_f, _ = shape
     g = torch.Generator().manual_seed(seed)
@@ -247,7 +253,8 @@ def make_q(shape, seed, name) -> QTensor:
 
 class TestTernaryDictCodec(CodecConformance):
     """The inherited suite with the dictionary passed as ``shared`` (the base suite calls encode / decode without
-    shared tables, so the tests that call them are restated here)."""
+    shared tables, so the tests that call them are restated here). ``decode`` returns the compressed rows; the
+    round trip compares their expansion (``symbols_of``) with what the quantizer wrote."""
 
     codec = CODEC
     shapes = CodecConformance.shapes + [(1, 1000), (5, 7), (2, 4097)]
@@ -260,7 +267,10 @@ class TestTernaryDictCodec(CodecConformance):
 
     def roundtrip(self, q):
         parts, meta = self.codec.encode(q, self.shared)
-        return self.codec.decode(parts, json.loads(json.dumps(meta)), q.shape, self.codec.version, self.shared)
+        back = self.codec.decode(parts, json.loads(json.dumps(meta)), q.shape, self.codec.version, self.shared)
+        assert set(back.tensors) == {"codewords", "row_offsets", "lo", "hi"}
+        assert all(back.tensors[k] is v for k, v in parts.items())                # as stored, not expanded
+        return expanded(back, self.d)
 
     def test_file_roundtrip(self, tmp_path):
         q = self.make((33, 70), 7)
@@ -270,7 +280,7 @@ class TestTernaryDictCodec(CodecConformance):
         table = SharedTable(self.name, load_file(str(tmp_path / "d.safetensors")), self.shared[self.name].meta)
         back = self.codec.decode(load_file(str(tmp_path / "t.safetensors")), meta, q.shape, self.codec.version,
                                  {self.name: table})
-        assert _equal(back, q) and back.shared == q.shared
+        assert _equal(expanded(back, self.d), q) and back.shared == q.shared
 
     def test_golden_file(self):
         """The committed file (parts + ``dictionary.<part>``) decodes to what ``make`` builds today, and the
@@ -282,7 +292,13 @@ class TestTernaryDictCodec(CodecConformance):
         table = SharedTable(self.name, {k.removeprefix("dictionary."): v for k, v in tensors.items()
                                         if k.startswith("dictionary.")}, info["dictionary_meta"])
         back = self.codec.decode(parts, info["meta"], tuple(info["shape"]), info["version"], {self.name: table})
-        assert _equal(back, self.make(tuple(info["shape"]), info["seed"]))
+        assert _equal(expanded(back, self.d), self.make(tuple(info["shape"]), info["seed"]))
+        # the stored bytes are what encode writes today (format unchanged), and re-encoding the decoded form
+        # stores them again
+        again, _ = self.codec.encode(self.make(tuple(info["shape"]), info["seed"]), self.shared)
+        assert all(torch.equal(again[k], parts[k]) and again[k].dtype == parts[k].dtype for k in parts)
+        copied, _ = self.codec.encode(back, self.shared)
+        assert all(torch.equal(copied[k], parts[k]) for k in parts)
         assert torch.equal(table.tensors["tree"], self.d.tree) and table.meta == self.shared[self.name].meta
 
     @classmethod
@@ -305,7 +321,7 @@ class TestTernaryDictCodec(CodecConformance):
                       (True, 12)]:
             with pytest.raises(ArtifactError):
                 self.codec.decode(parts, meta, shape, self.codec.version, self.shared)
-        assert _equal(self.codec.decode(parts, meta, (8, 12), self.codec.version, self.shared), q)
+        assert _equal(expanded(self.codec.decode(parts, meta, (8, 12), self.codec.version, self.shared), self.d), q)
 
     def test_full_dictionary_and_adversarial_rows(self):
         shared = {"d": FULL.to_table("d")}
@@ -314,7 +330,7 @@ class TestTernaryDictCodec(CodecConformance):
         q = QTensor(rows.shape, {"symbols": rows, "lo": -torch.ones(n).half(), "hi": torch.ones(n).half()}, {},
                     ("d",))
         parts, meta = self.codec.encode(q, shared)
-        assert _equal(self.codec.decode(parts, meta, q.shape, 1, shared), q)
+        assert _equal(expanded(self.codec.decode(parts, meta, q.shape, 1, shared), FULL), q)
 
 
 def test_layout():
@@ -329,6 +345,39 @@ def test_layout():
     assert torch.equal(parts["lo"], q.tensors["lo"]) and torch.equal(parts["hi"], q.tensors["hi"])
     back = CODEC.decode(parts, meta, q.shape, 1, shared)
     assert back.shared == (name,) and back.meta == {}
+    assert set(back.tensors) == {"codewords", "row_offsets", "lo", "hi"}
+    assert all(torch.equal(back.tensors[k], parts[k]) for k in parts)
+    assert torch.equal(td.symbols_of(back, d), q.tensors["symbols"])
+    assert td.symbols_of(q, d) is q.tensors["symbols"]
+
+
+def test_decode_does_not_expand(monkeypatch):
+    """The codec's decode validates with a gather and a cumulative sum; the rows are never expanded."""
+    name, d = golden_dictionary()
+    shared = {name: d.to_table(name)}
+    q = make_q((40, 300), 2, name)
+    parts, meta = CODEC.encode(q, shared)
+
+    def no_expand(*a, **k):
+        raise AssertionError("decode expanded the rows")
+    monkeypatch.setattr(td, "decode_rows", no_expand)
+    monkeypatch.setattr(torch.Tensor, "scatter_", no_expand)
+    back = CODEC.decode(parts, meta, q.shape, 1, shared)
+    assert back.tensors["codewords"] is parts["codewords"]
+
+
+def test_encode_takes_the_decoded_form_checked():
+    name, d = golden_dictionary()
+    shared = {name: d.to_table(name)}
+    q = make_q((6, 70), 1, name)
+    parts, meta = CODEC.encode(q, shared)
+    back = CODEC.decode(parts, meta, q.shape, 1, shared)
+    bad = QTensor(q.shape, {**back.tensors, "row_offsets": parts["row_offsets"].clone()}, {}, (name,))
+    bad.tensors["row_offsets"][1] -= 1                        # row 0 one codeword short
+    with pytest.raises(ValueError, match="do not match"):
+        CODEC.encode(bad, shared)
+    with pytest.raises(ValueError, match="do not match"):
+        CODEC.encode(QTensor((6, 30), back.tensors, {}, (name,)), shared)
 
 
 def test_needs_its_dictionary():
@@ -393,7 +442,7 @@ def test_rejects_corrupt_parts_and_meta():
     shared = {name: d.to_table(name)}
     q = make_q((6, 70), 1, name)
     parts, meta = CODEC.encode(q, shared)
-    assert _equal(CODEC.decode(parts, meta, q.shape, 1, shared), q)
+    assert _equal(expanded(CODEC.decode(parts, meta, q.shape, 1, shared), d), q)
     for what, p in _corrupt_parts(parts).items():
         with pytest.raises(ArtifactError, match="corrupt"):
             CODEC.decode(p, meta, q.shape, 1, shared)

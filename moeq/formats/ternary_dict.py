@@ -25,6 +25,8 @@ Stored dictionary (a ``SharedTable``, ``Dictionary.to_table`` / ``Dictionary.fro
 Decoding needs no loop over codewords: per codeword, its length and the positions and signs of its nonzero
 symbols (``Dictionary.lengths / nz_pos / nz_val``, derived once per dictionary) are gathered, a cumulative sum
 of the lengths places each phrase in its row, and the nonzeros are scattered into a zeroed [rows, n] tensor.
+The checks of untrusted rows need only the gather and the cumulative sum (``check_rows``): the codec validates
+with them and hands the runtime the compressed rows; ``decode_rows`` / ``symbols_of`` expand where needed.
 Encoding walks all rows in parallel, one column per step (a loop over the n columns, vectorized over rows);
 both sides work in bounded blocks (``ENCODE_BLOCK``, ``DECODE_BLOCK``) so an odd dictionary cannot blow up memory.
 """
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from moeq.errors import ArtifactError
-from moeq.quant.base import SharedTable
+from moeq.quant.base import QTensor, SharedTable
 
 CHILD_SYMBOLS = (0, 1, -1)      # child c of an internal node appends symbol CHILD_SYMBOLS[c]
 MAX_SIZE = 1 << 16              # leaves: codewords are uint16
@@ -291,10 +293,18 @@ def _encode_block(symbols: torch.Tensor, d: Dictionary) -> tuple[torch.Tensor, t
     return (-1 - grid[ends]).to(torch.uint16), ends.sum(1)
 
 
-def decode_rows(codewords: torch.Tensor, row_offsets: torch.Tensor, d: Dictionary, n: int) -> torch.Tensor:
-    """(codewords, row_offsets) -> int8 [rows, n]. The inputs are untrusted: anything that is not exactly what
-    ``encode_rows`` writes for some rows of length ``n`` raises ``ArtifactError``."""
-    _check(isinstance(n, int) and n >= 1, f"row length {n!r}")
+def check_rows(codewords: torch.Tensor, row_offsets: torch.Tensor, d: Dictionary, n: int) -> None:
+    """``ArtifactError`` unless (codewords, row_offsets) is exactly what ``encode_rows`` writes for some rows of
+    length ``n`` with ``d``, without expanding a row (a gather and a cumulative sum over the codewords): what a
+    kernel walking the rows may rely on (module docstring: every phrase but a row's last ends before ``n``, the
+    last reaches ``n`` and its nonzeros lie before ``n``)."""
+    _row_layout(codewords, row_offsets, d, n)
+
+
+def _row_layout(codewords, row_offsets, d: Dictionary, n: int):
+    """The checks of :func:`check_rows`; returns (codewords as int64, codewords per row, phrase lengths, their
+    cumulative sum over the stream, each row's start in it) for :func:`decode_rows`."""
+    _check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, f"row length {n!r}")
     _check(isinstance(codewords, torch.Tensor) and codewords.dtype == torch.uint16 and codewords.ndim == 1,
            f"codewords {_desc(codewords)}")
     ncw = codewords.numel()
@@ -319,6 +329,14 @@ def decode_rows(codewords: torch.Tensor, row_offsets: torch.Tensor, d: Dictionar
     # only a row's last phrase reaches past n: its overhang must be zeros
     _check(bool((end - length[last] - start + d.last_nz[cw[last]] < n).all()),
            "nonzero symbols past the row's end (wrong in_features?)")
+    return cw, counts, length, cs, start
+
+
+def decode_rows(codewords: torch.Tensor, row_offsets: torch.Tensor, d: Dictionary, n: int) -> torch.Tensor:
+    """(codewords, row_offsets) -> int8 [rows, n]. The inputs are untrusted: anything that is not exactly what
+    ``encode_rows`` writes for some rows of length ``n`` raises ``ArtifactError`` (:func:`check_rows`)."""
+    cw, counts, length, cs, start = _row_layout(codewords, row_offsets, d, n)
+    rows, ncw = counts.numel(), cw.numel()
     shift = torch.arange(rows) * n - start                       # stream position -> flat [rows, n] index
     dst = (cs - length) + torch.repeat_interleave(shift, counts, output_size=ncw)
     out = torch.zeros(rows * n, dtype=torch.int8)
@@ -329,6 +347,15 @@ def decode_rows(codewords: torch.Tensor, row_offsets: torch.Tensor, d: Dictionar
         idx += dst[a:a + step, None]
         out.scatter_(0, idx.view(-1), torch.index_select(d.nz_val, 0, c).view(-1))  # repeats write equal values
     return out.view(rows, n)
+
+
+def symbols_of(q: QTensor, d: Dictionary) -> torch.Tensor:
+    """int8 [out, in] symbols of a ``ternary-dict`` QTensor in either form: the quantizer's (``symbols``, returned
+    as is) or the codec's decoded one (``codewords`` / ``row_offsets``, expanded with :func:`decode_rows`)."""
+    t = q.tensors
+    if "symbols" in t:
+        return t["symbols"]
+    return decode_rows(t["codewords"], t["row_offsets"], d, q.shape[1])
 
 
 def ternary_weight(symbols: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The CPU route: an AVX-512 LUT matvec and dequantizer in a small C++ shared library, built on first use; the same
 library holds LLM.int8's fused w8a8 matvec for decode (``int8_matvec``: per-token int8 quantization of x with
 torch's exact rounding, int32 dot products by AVX-512 VNNI, scales, static outlier columns and bias in one call; the
-caller is :class:`moeq.runtime.int8.Int8Linear`; benchmarks/int8_fused.py).
+caller is :class:`moeq.runtime.int8.Int8Linear`; benchmarks/int8_fused.py), and QMoE's ``ternary-dict`` kernels
+(``moeq_td_matvec``: y from the dictionary-coded rows without forming W; ``moeq_td_decode``: W in x's dtype; the
+caller is :class:`moeq.runtime.ternary_dict.TernaryDictLinear`; benchmarks/qmoe_speed.py).
 
 Plain C++ (no torch headers: a cold build takes ~1-3 s instead of ~45-70 s for a torch extension, and needs no
 ninja), compiled with ``$CXX`` or ``c++`` (-O3 -march=native -fopenmp) and loaded with ctypes. OpenMP threads:
@@ -406,6 +408,247 @@ inline void int8_rows(const Int8Args& g, int64_t n0, int64_t n1) {
 #endif
 }
 
+// ---------------------------------------------------------------- ternary-dict (QMoE): compute from the codewords
+// Row r of a ternary-dict weight is codewords[off[r] .. off[r + 1]); phrase j of a row starts at base_j, the sum of
+// the lengths of the phrases before it. Each codeword is looked up in a table of phrase records (built from the
+// dictionary: moeq/runtime/ternary_dict.py, ``phrase_records``), 8 bytes each, 65536 of them so that every uint16
+// indexes one (those past the dictionary are one-symbol zero phrases):
+//   byte 0     len      phrase length (1..255)
+//   byte 1     nnz      its nonzero symbols; those past the 4th are in ex_ent[ex_off[c] .. ex_off[c + 1])
+//   bytes 2-5  pos[4]   positions of nonzeros 0..3 in the phrase, ascending; unused slots repeat the last nonzero
+//                       (0 in an all-zero phrase), so pos[3] is the largest where nnz <= 4
+//   byte 6     codes    2 bits a slot, slot s at bits 2s: 0 = zero, 1 = +1 (w = hi), 2 = -1 (w = lo); unused slots
+//                       repeat the last nonzero's code (the decoder's repeated write stores the same value)
+//   byte 7     codes    the same with the unused slots 0 (the matvec counts each nonzero once)
+//   ex_ent     uint16   pos << 2 | code
+// e.g. the phrase 0 0 +1 0 -1: len 5, nnz 2, pos 2 4 4 4, codes 0b10_10_10_01 = 0xA9 and 0b00_00_10_01 = 0x09.
+// Memory safety without trusting the codewords (the codec's check_rows already guarantees valid rows, which need
+// none of this): positions are bytes, a phrase's base is clamped to K before x is read and x is held with TD_PAD
+// zero floats after its K inputs, so every read is below K + 255; the decoder writes a position only below K.
+struct TdCode {
+  const uint16_t* cw;          // [n_codewords]
+  const int64_t* off;          // [N + 1]: 0, non-decreasing, n_codewords (checked by the caller)
+  const _Float16* lo;          // [N]
+  const _Float16* hi;          // [N]
+  const uint8_t* rec;          // [65536, 8]
+  const int32_t* ex_off;       // [65537]: non-decreasing, within ex_ent (checked by the caller)
+  const uint16_t* ex_ent;
+  int64_t N, K;
+};
+
+constexpr int64_t TD_PAD = 256;
+
+typedef float td_v4 __attribute__((vector_size(16)));    // 4 slots of a phrase (SSE, NEON or scalar code)
+
+struct TdCoef {                 // codes byte (record byte 7) -> 1.0 in the slots that add to the +1 / -1 sum
+  td_v4 p[256], m[256];
+  TdCoef() {
+    for (int b = 0; b < 256; ++b)
+      for (int s = 0; s < 4; ++s) {
+        const int c = (b >> (2 * s)) & 3;
+        p[b][s] = c == 1 ? 1.f : 0.f;
+        m[b][s] = c == 2 ? 1.f : 0.f;
+      }
+  }
+};
+const TdCoef td_coef;
+
+inline void td_extra_m1(const TdCode& L, uint16_t c, const float* xb, float& sp, float& sm) {
+  for (int32_t e = L.ex_off[c]; e < L.ex_off[c + 1]; ++e) {
+    const uint16_t v = L.ex_ent[e];
+    const float xv = xb[(v >> 2) & 255];
+    sp += (v & 3) == 1 ? xv : 0.f;
+    sm += (v & 3) == 2 ? xv : 0.f;
+  }
+}
+
+// One phrase of a row into the 4-slot sums (no branch on the slot count: unused slots have coefficient 0). The
+// record is one 8-byte load, its fields shifted out (fewer load uops than byte loads).
+inline int64_t td_step_m1(const TdCode& L, uint16_t c, int64_t base, const float* xp, td_v4& ap, td_v4& am,
+                          float& sp, float& sm) {
+  uint64_t q;
+  std::memcpy(&q, L.rec + 8 * (int64_t)c, 8);
+  const float* xb = xp + (base < L.K ? base : L.K);
+  const td_v4 v = {xb[(q >> 16) & 255], xb[(q >> 24) & 255], xb[(q >> 32) & 255], xb[(q >> 40) & 255]};
+  ap += v * td_coef.p[q >> 56];
+  am += v * td_coef.m[q >> 56];
+  if (__builtin_expect(((q >> 8) & 255) > 4, 0)) td_extra_m1(L, c, xb, sp, sm);
+  return base + (int64_t)(q & 255);
+}
+
+// One row of x (xp: float32 [K + TD_PAD], zero tail): y = hi * (sum of x at the +1 positions) + lo * (at the -1).
+inline float td_row_m1(const TdCode& L, int64_t r, const float* xp) {
+  const uint16_t* c = L.cw + L.off[r];
+  const int64_t nc = L.off[r + 1] - L.off[r];
+  td_v4 ap0 = {0, 0, 0, 0}, am0 = ap0, ap1 = ap0, am1 = ap0;   // two chains: phrases alternate
+  float sp = 0.f, sm = 0.f;
+  int64_t base = 0, j = 0;
+  for (; j + 1 < nc; j += 2) {
+    base = td_step_m1(L, c[j], base, xp, ap0, am0, sp, sm);
+    base = td_step_m1(L, c[j + 1], base, xp, ap1, am1, sp, sm);
+  }
+  if (j < nc) td_step_m1(L, c[j], base, xp, ap0, am0, sp, sm);
+  const td_v4 p = ap0 + ap1, m = am0 + am1;
+  sp += (p[0] + p[1]) + (p[2] + p[3]);
+  sm += (m[0] + m[1]) + (m[2] + m[3]);
+  return (float)L.hi[r] * sp + (float)L.lo[r] * sm;
+}
+
+#ifdef MOEQ_AVX512
+struct TdMasks {                // codes byte (record byte 7) -> lane masks of slot s: [2s] all ones where it adds to
+  alignas(16) uint16_t k[256][8];   // the +1 sum, [2s + 1] to the -1 sum (loaded by kmovw: no mask arithmetic)
+  TdMasks() {
+    for (int b = 0; b < 256; ++b)
+      for (int s = 0; s < 4; ++s) {
+        const int c = (b >> (2 * s)) & 3;
+        k[b][2 * s] = c == 1 ? 0xFFFF : 0;
+        k[b][2 * s + 1] = c == 2 ? 0xFFFF : 0;
+      }
+  }
+};
+const TdMasks td_kmask;
+
+// Several rows of x (xt: x transposed, float32 [K + TD_PAD, ld], zero tail rows and columns): the +1 / -1 sums of
+// 16 * T columns, one masked vector add per nonzero; slot s accumulates in its own registers (4 chains).
+template <int T>
+inline void td_sums_mt(const TdCode& L, int64_t r, const float* xt, int64_t ld, float* sp, float* sm) {
+  __m512 ap[4][T], am[4][T];
+  for (int s = 0; s < 4; ++s)
+    for (int t = 0; t < T; ++t) ap[s][t] = am[s][t] = _mm512_setzero_ps();
+  const uint16_t* c = L.cw + L.off[r];
+  const int64_t nc = L.off[r + 1] - L.off[r], K = L.K;
+  int64_t base = 0;
+  for (int64_t j = 0; j < nc; ++j) {
+    const uint8_t* q = L.rec + 8 * (int64_t)c[j];
+    const float* xb = xt + (base < K ? base : K) * ld;
+    const unsigned codes = q[7];
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      const __mmask16 kp = td_kmask.k[codes][2 * s], km = td_kmask.k[codes][2 * s + 1];
+      const float* xs = xb + (int64_t)q[2 + s] * ld;
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+        const __m512 v = _mm512_loadu_ps(xs + 16 * t);
+        ap[s][t] = _mm512_mask_add_ps(ap[s][t], kp, ap[s][t], v);
+        am[s][t] = _mm512_mask_add_ps(am[s][t], km, am[s][t], v);
+      }
+    }
+    if (__builtin_expect(q[1] > 4, 0)) {
+      for (int32_t e = L.ex_off[c[j]]; e < L.ex_off[c[j] + 1]; ++e) {
+        const uint16_t v = L.ex_ent[e];
+        const __mmask16 kp = (__mmask16)(0u - ((v & 3) == 1)), km = (__mmask16)(0u - ((v & 3) == 2));
+        const float* xs = xb + (int64_t)((v >> 2) & 255) * ld;
+        for (int t = 0; t < T; ++t) {
+          const __m512 x = _mm512_loadu_ps(xs + 16 * t);
+          ap[0][t] = _mm512_mask_add_ps(ap[0][t], kp, ap[0][t], x);
+          am[0][t] = _mm512_mask_add_ps(am[0][t], km, am[0][t], x);
+        }
+      }
+    }
+    base += q[0];
+  }
+  for (int t = 0; t < T; ++t) {
+    _mm512_storeu_ps(sp + 16 * t, _mm512_add_ps(_mm512_add_ps(ap[0][t], ap[1][t]), _mm512_add_ps(ap[2][t], ap[3][t])));
+    _mm512_storeu_ps(sm + 16 * t, _mm512_add_ps(_mm512_add_ps(am[0][t], am[1][t]), _mm512_add_ps(am[2][t], am[3][t])));
+  }
+}
+#endif
+
+// The same for any CPU: M columns of xt; each slot adds its row of xt to both sums with 0/1 coefficients (no branch
+// on the sign, the loop over m vectorizes).
+inline void td_sums_portable(const TdCode& L, int64_t r, const float* xt, int64_t ld, int64_t M, float* sp,
+                             float* sm) {
+  for (int64_t m = 0; m < M; ++m) sp[m] = sm[m] = 0.f;
+  const uint16_t* c = L.cw + L.off[r];
+  const int64_t nc = L.off[r + 1] - L.off[r], K = L.K;
+  auto add = [&](const float* xs, float cp, float cm) {
+    for (int64_t m = 0; m < M; ++m) {
+      sp[m] += cp * xs[m];
+      sm[m] += cm * xs[m];
+    }
+  };
+  int64_t base = 0;
+  for (int64_t j = 0; j < nc; ++j) {
+    const uint8_t* q = L.rec + 8 * (int64_t)c[j];
+    const float* xb = xt + (base < K ? base : K) * ld;
+    const td_v4 cp = td_coef.p[q[7]], cm = td_coef.m[q[7]];
+    for (int s = 0; s < 4; ++s) add(xb + (int64_t)q[2 + s] * ld, cp[s], cm[s]);
+    if (q[1] > 4)
+      for (int32_t e = L.ex_off[c[j]]; e < L.ex_off[c[j] + 1]; ++e) {
+        const unsigned code = L.ex_ent[e] & 3;
+        add(xb + (int64_t)((L.ex_ent[e] >> 2) & 255) * ld, code == 1 ? 1.f : 0.f, code == 2 ? 1.f : 0.f);
+      }
+    base += q[0];
+  }
+}
+
+// x [M, K] (dtype) -> float32 xt[k * ld + m] (ld = 1 for one row: x itself), zero in the TD_PAD tail rows and in
+// the columns m >= M.
+template <typename Load>
+inline void td_transpose(Load load, int64_t M, int64_t K, int64_t ld, float* xt) {
+  std::memset(xt, 0, (size_t)((K + TD_PAD) * ld) * sizeof(float));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xt[k * ld + m] = load(m * K + k);
+}
+
+// One dense row of W (E: the bits of float32, bfloat16 or float16): zeros, then each phrase's nonzeros written at
+// base + pos (4 slots at once where the record holds them all and they lie inside the row, else one by one,
+// each position checked against K).
+template <typename E>
+inline void td_decode_row(const TdCode& L, int64_t r, E* w, E vhi, E vlo) {
+  const E val[4] = {E(0), vhi, vlo, E(0)};
+  const int64_t K = L.K;
+  std::memset(w, 0, (size_t)K * sizeof(E));
+  const uint16_t* c = L.cw + L.off[r];
+  const int64_t nc = L.off[r + 1] - L.off[r];
+  int64_t base = 0;
+  for (int64_t j = 0; j < nc; ++j) {
+    const uint8_t* q = L.rec + 8 * (int64_t)c[j];
+    if (__builtin_expect(q[1] <= 4 && base + q[5] < K, 1)) {
+      E* wb = w + base;
+      const unsigned cd = q[6];
+      wb[q[2]] = val[cd & 3];
+      wb[q[3]] = val[(cd >> 2) & 3];
+      wb[q[4]] = val[(cd >> 4) & 3];
+      wb[q[5]] = val[cd >> 6];
+    } else {
+      for (int s = 0; s < 4; ++s) {
+        const unsigned code = (q[7] >> (2 * s)) & 3;
+        if (code && base + q[2 + s] < K) w[base + q[2 + s]] = val[code];
+      }
+      if (q[1] > 4)
+        for (int32_t e = L.ex_off[c[j]]; e < L.ex_off[c[j] + 1]; ++e) {
+          const int64_t p = base + ((L.ex_ent[e] >> 2) & 255);
+          if ((L.ex_ent[e] & 3) && p < K) w[p] = val[L.ex_ent[e] & 3];
+        }
+    }
+    base += q[0];
+  }
+}
+
+inline uint16_t td_f16_bits(_Float16 h) {
+  uint16_t u;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+
+inline uint32_t td_f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Rows [r0, r1) in a loop, or split over `threads` OpenMP threads.
+template <typename F>
+inline void td_for_rows(int64_t r0, int64_t r1, int threads, F body) {
+  if (threads <= 1) {
+    for (int64_t r = r0; r < r1; ++r) body(r);
+    return;
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = r0; r < r1; ++r) body(r);
+}
+
 }  // namespace
 
 extern "C" {
@@ -509,6 +752,57 @@ void moeq_int8_matvec(const Int8Layer* L, const void* x, int dtype, int64_t M, v
   }
 }
 
+// ternary-dict: y[M, N] (out_dtype) = x[M, K] (dtype) @ W.T from the codewords (TdCode), W never formed: per row of
+// W, the sums of x over its +1 and over its -1 positions, y = hi * sum+ + lo * sum- (float32). x is converted to
+// float32 once: padded to K + TD_PAD for one row, transposed to [K + TD_PAD, Mp] (Mp: M rounded up to 16) for more.
+void moeq_td_matvec(const TdCode* L, const void* x, int dtype, int64_t M, void* y, int out_dtype, int threads) {
+  const int64_t K = L->K, N = L->N, ld = M == 1 ? 1 : (M + 15) / 16 * 16;
+  thread_local std::vector<float> xbuf;      // scratch of the calling thread, grown on demand
+  if ((int64_t)xbuf.size() < (K + TD_PAD) * ld) xbuf.resize((size_t)((K + TD_PAD) * ld));
+  float* xt = xbuf.data();
+  if (dtype == F32) td_transpose([x](int64_t i) { return ((const float*)x)[i]; }, M, K, ld, xt);
+  else if (dtype == BF16) td_transpose([x](int64_t i) { return load_elem(x, i, BF16); }, M, K, ld, xt);
+  else td_transpose([x](int64_t i) { return (float)((const _Float16*)x)[i]; }, M, K, ld, xt);
+  if (M == 1) {
+    td_for_rows(0, N, threads, [&](int64_t r) { store_elem(y, r, td_row_m1(*L, r, xt), out_dtype); });
+    return;
+  }
+  td_for_rows(0, N, threads, [&](int64_t r) {
+    float sp[64], sm[64];                     // 64 columns of x at a time
+    const float h = (float)L->hi[r], l = (float)L->lo[r];
+    for (int64_t m0 = 0; m0 < M; m0 += 64) {
+      const int64_t mt = M - m0 < 64 ? M - m0 : 64;
+#ifdef MOEQ_AVX512
+      for (int64_t t = 0; t < mt; t += 32) {
+        if (mt - t > 16) td_sums_mt<2>(*L, r, xt + m0 + t, ld, sp + t, sm + t);
+        else td_sums_mt<1>(*L, r, xt + m0 + t, ld, sp + t, sm + t);
+      }
+#else
+      td_sums_portable(*L, r, xt + m0, ld, mt, sp, sm);
+#endif
+      for (int64_t m = 0; m < mt; ++m) store_elem(y, (m0 + m) * N + r, h * sp[m] + l * sm[m], out_dtype);
+    }
+  });
+}
+
+// Rows [r0, r1) of the dense W into out ([r1 - r0, K]; dtype 0 float32, 1 bfloat16, 2 float16): lo / hi rounded
+// once from float16 to the dtype (bfloat16: nearest even).
+void moeq_td_decode(const TdCode* L, int64_t r0, int64_t r1, int dtype, void* out, int threads) {
+  const int64_t K = L->K;
+  if (dtype == F32) {
+    td_for_rows(r0, r1, threads, [&](int64_t r) {
+      td_decode_row<uint32_t>(*L, r, (uint32_t*)out + (r - r0) * K, td_f32_bits((float)L->hi[r]),
+                              td_f32_bits((float)L->lo[r]));
+    });
+  } else {
+    td_for_rows(r0, r1, threads, [&](int64_t r) {
+      const uint16_t h = dtype == BF16 ? to_bf16((float)L->hi[r]) : td_f16_bits(L->hi[r]);
+      const uint16_t l = dtype == BF16 ? to_bf16((float)L->lo[r]) : td_f16_bits(L->lo[r]);
+      td_decode_row<uint16_t>(*L, r, (uint16_t*)out + (r - r0) * K, h, l);
+    });
+  }
+}
+
 }  // extern "C"
 """
 
@@ -516,6 +810,9 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 TILE_BYTES = 4 << 20          # prefill: dequantize this many bytes of W per GEMM (half a tile per core: L2)
 INT8_PARALLEL_MIN = 1 << 19   # int8 matvec: weights below which one thread beats two (benchmarks/int8_fused.py)
+TERNARY_PARALLEL_MIN = 1 << 12  # ternary-dict: one thread below this many codewords (~100k weights; not measured:
+                                # a parallel region costs a few us, a 4096-codeword row walk ~10 us)
+TERNARY_RECORDS = 1 << 16     # ternary-dict phrase records: one per uint16 codeword (moeq.runtime.ternary_dict)
 
 _state: dict = {}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -525,6 +822,8 @@ _SIGNATURES = {
     "moeq_lut_dequant": ([_P, _I64, _I64, _I64, _P, _I64, _P, _I64, _INT, _INT, _P, _INT], None),
     "moeq_int8_vnni": ([], _INT),
     "moeq_int8_matvec": ([_P, _P, _INT, _I64, _P, _INT, _INT], None),
+    "moeq_td_matvec": ([_P, _P, _INT, _I64, _P, _INT, _INT], None),
+    "moeq_td_decode": ([_P, _I64, _I64, _INT, _P, _INT], None),
 }
 
 
@@ -696,3 +995,91 @@ def int8_matvec(layer: tuple, x2: torch.Tensor, out_dtype: torch.dtype | None = 
     library().moeq_int8_matvec(addr, x2.data_ptr(), DTYPES[x2.dtype], m, y.data_ptr(), DTYPES[out_dtype],
                                int8_threads(st.N * st.K))
     return y
+
+
+# ---------------------------------------------------------------- ternary-dict (QMoE): compute from the codewords
+class TernaryCode(ctypes.Structure):
+    """One ternary-dict weight for ``moeq_td_matvec`` / ``moeq_td_decode`` (the C struct TdCode; layout of the
+    records in SOURCE and in :mod:`moeq.runtime.ternary_dict`)."""
+
+    _fields_ = [("cw", _P), ("off", _P), ("lo", _P), ("hi", _P), ("rec", _P), ("ex_off", _P), ("ex_ent", _P),
+                ("N", _I64), ("K", _I64)]
+
+
+def ternary_code(codewords: torch.Tensor, row_offsets: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 rec: torch.Tensor, ex_off: torch.Tensor, ex_ent: torch.Tensor,
+                 in_features: int) -> tuple[TernaryCode, int, tuple]:
+    """The struct for one weight: codewords uint16 [C], row_offsets int64 [N + 1], lo / hi float16 [N], the phrase
+    records uint8 [65536, 8], ex_off int32 [65537], ex_ent uint16 [E]; contiguous CPU tensors. The offsets (0,
+    non-decreasing, C) and ex_off (non-decreasing, within ex_ent) are checked here, O(N + 65536): with them the
+    kernels stay in bounds whatever the codewords hold (SOURCE). Returns (struct, its address, the tensors it
+    points into: keep them alive as long as the struct)."""
+    n = lo.numel()
+    keep = (codewords, row_offsets, lo, hi, rec, ex_off, ex_ent)
+    for name, t, dt, shape in (("codewords", codewords, torch.uint16, None), ("row_offsets", row_offsets, torch.int64,
+                               (n + 1,)), ("lo", lo, torch.float16, (n,)), ("hi", hi, torch.float16, (n,)),
+                               ("rec", rec, torch.uint8, (TERNARY_RECORDS, 8)),
+                               ("ex_off", ex_off, torch.int32, (TERNARY_RECORDS + 1,)), ("ex_ent", ex_ent, torch.uint16, None)):
+        if (t.dtype != dt or t.device.type != "cpu" or not t.is_contiguous() or (shape and tuple(t.shape) != shape)
+                or t.ndim != (len(shape) if shape else 1)):
+            raise ValueError(f"ternary kernel operand {name} must be a contiguous CPU {dt} "
+                             f"{list(shape) if shape else '1-D'}, got {t.dtype} {list(t.shape)} on {t.device}")
+    if not (n >= 1 and in_features >= 1 and int(row_offsets[0]) == 0 and int(row_offsets[-1]) == codewords.numel()
+            and bool((row_offsets.diff() >= 0).all())):
+        raise ValueError("row_offsets must run from 0 to the number of codewords, non-decreasing")
+    if not (int(ex_off[0]) >= 0 and int(ex_off[-1]) <= ex_ent.numel() and bool((ex_off.diff() >= 0).all())):
+        raise ValueError("ex_off must be non-decreasing and within ex_ent")
+    def ptr(t):
+        return t.data_ptr() if t.numel() else None
+    st = TernaryCode(*(ptr(t) for t in keep), n, in_features)
+    return st, ctypes.addressof(st), keep
+
+
+def ternary_threads(codewords: int) -> int:
+    """Threads for a ternary-dict kernel over ``codewords``: one below ``TERNARY_PARALLEL_MIN``, else torch's."""
+    return 1 if codewords < TERNARY_PARALLEL_MIN else torch.get_num_threads()
+
+
+def ternary_matvec(code: tuple, x2: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x2 [M, K] (float32 / bfloat16 / float16, contiguous, CPU) @ W.T from the codewords, W never formed (formula:
+    ``moeq_td_matvec``); ``code`` from :func:`ternary_code`. Returns y [M, N] in ``out_dtype`` (x's by default)."""
+    st, addr, keep = code
+    if x2.ndim != 2 or x2.shape[1] != st.K or not x2.is_contiguous() or x2.device.type != "cpu":
+        raise ValueError(f"x must be a contiguous CPU [M, {st.K}], got {list(x2.shape)}")
+    out_dtype = out_dtype or x2.dtype
+    y = torch.empty(x2.shape[0], st.N, dtype=out_dtype)
+    if x2.shape[0]:
+        library().moeq_td_matvec(addr, x2.data_ptr(), DTYPES[x2.dtype], x2.shape[0], y.data_ptr(),
+                                 DTYPES[out_dtype], ternary_threads(keep[0].numel()))
+    return y
+
+
+def ternary_decode_rows(code: tuple, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows [r0, r1) of the dense W into ``out`` ([r1 - r0, K], contiguous, float32 / bfloat16 / float16)."""
+    st, addr, keep = code
+    if not (0 <= r0 <= r1 <= st.N and tuple(out.shape) == (r1 - r0, st.K) and out.is_contiguous()
+            and out.dtype in DTYPES and out.device.type == "cpu"):
+        raise ValueError(f"out must be a contiguous CPU [{r1 - r0}, {st.K}] for rows {r0}..{r1} of {st.N}")
+    library().moeq_td_decode(addr, r0, r1, DTYPES[out.dtype], out.data_ptr(), ternary_threads(keep[0].numel()))
+    return out
+
+
+def ternary_decode(code: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense [N, K] weight in ``dtype``."""
+    st = code[0]
+    return ternary_decode_rows(code, 0, st.N, torch.empty(st.N, st.K, dtype=dtype))
+
+
+def ternary_linear_tiled(code: tuple, x2: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] @ W.T for larger M: W decoded into one reused buffer of ~TILE_BYTES in x's dtype (as
+    :func:`linear_tiled`), one GEMM per tile."""
+    st = code[0]
+    n, k = st.N, st.K
+    tile = max(16, TILE_BYTES // (k * x2.element_size()) // 16 * 16)
+    buf = torch.empty(min(tile, n), k, dtype=x2.dtype)
+    yt = torch.empty(n, x2.shape[0], dtype=x2.dtype)
+    xt = x2.t()
+    for r0 in range(0, n, tile):
+        r1 = min(r0 + tile, n)
+        torch.mm(ternary_decode_rows(code, r0, r1, buf[: r1 - r0]), xt, out=yt[r0:r1])
+    return yt.t().contiguous()

@@ -25,13 +25,14 @@ from moeq.formats import bitpack
 from moeq.quant.base import QTensor
 from moeq.quant.uniform import affine_dequantize
 from moeq.registry import RUNTIMES
+from moeq.runtime.packed import PackedLinear
 
 INT4_DTYPES = (torch.bfloat16, torch.float16)
 INT4_GROUPS = (32, 64, 128)
 
 
 @RUNTIMES.register("affine-packed")
-class AffineLinear(torch.nn.Module):
+class AffineLinear(PackedLinear):
     """``x @ W.T + bias`` for x of any leading shape; one instance per weight (per expert in an MoE layer)."""
 
     cache_int4: ClassVar[bool] = True

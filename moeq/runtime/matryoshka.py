@@ -26,13 +26,14 @@ from moeq.quant.base import QTensor
 from moeq.quant.matryoshka import nested_dequantize, width_lut
 from moeq.registry import RUNTIMES
 from moeq.runtime.nupes import kernel_group
+from moeq.runtime.packed import PackedLinear
 
 TILE_BYTES = 4 << 20           # fallback: float32 weight rows decoded per step
 EXACT = ("packed", "qweight", "scales", "scale", "offset", "lut")      # buffers whose dtype is part of the format
 
 
 @RUNTIMES.register("bitplanes")
-class MatryoshkaLinear(torch.nn.Module):
+class MatryoshkaLinear(PackedLinear):
     """``x @ W.T + bias`` for x of any leading shape (float32 / bfloat16 / float16) at the loaded width; one
     instance per weight (per expert in an MoE layer)."""
 

@@ -27,6 +27,7 @@ from moeq.kernels import lut as lut_kernels
 from moeq.quant.base import QTensor
 from moeq.quant.nupes import nupes_dequantize
 from moeq.registry import RUNTIMES
+from moeq.runtime.packed import PackedLinear
 
 TILE_BYTES = 4 << 20           # fallback: float32 weight rows dequantized per step (temporaries stay in L2)
 EXACT = ("packed", "qweight", "scales", "scale", "lut")      # buffers whose dtype is part of the format
@@ -42,7 +43,7 @@ def kernel_group(bits: int, group_size: int, in_features: int) -> int | None:
 
 
 @RUNTIMES.register("nupes")
-class NupesLinear(torch.nn.Module):
+class NupesLinear(PackedLinear):
     """``x @ W.T + bias`` for x of any leading shape (float32 / bfloat16 / float16); one instance per weight (per
     expert in an MoE layer). ``shared`` is accepted for the runtime interface; nupes entries reference no table."""
 

@@ -11,8 +11,13 @@ parts          dtype     shape            meaning
 meta: {}. shared: exactly one table, the dictionary (``Dictionary.to_table``: ``tree`` uint8, meta version and
 max_len), passed to ``encode`` / ``decode`` as ``shared={name: SharedTable}``.
 
-The QTensor (the contract with the quantizer): tensors ``symbols`` int8 [out, in] in {-1, 0, 1}, ``lo`` and
-``hi`` float16 [out]; meta {}; ``shared`` = (the dictionary table's name,).
+The QTensor, two forms. ``encode`` takes the quantizer's: tensors ``symbols`` int8 [out, in] in {-1, 0, 1},
+``lo`` and ``hi`` float16 [out]; meta {}; ``shared`` = (the dictionary table's name,). ``decode`` returns the
+compressed one, the rows NOT expanded: tensors ``codewords``, ``row_offsets``, ``lo``, ``hi`` exactly as stored
+(validated completely: ``ternary_dict.check_rows``, a gather and a cumulative sum, so a kernel walking the rows can
+trust every row to cover exactly its ``in`` symbols), meta {}, the same ``shared``. The runtime
+(``moeq.runtime.ternary_dict``) executes that form directly; ``ternary_dict.symbols_of(q, dictionary)`` expands
+either form to the symbols. ``encode`` also takes the decoded form back (checked, stored as it is).
 
 Unlike the other codecs this one needs a shared table to encode and to decode, so ``encode`` and ``decode`` take
 ``shared`` (``uses_shared = True``); without it they refuse.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from moeq.errors import ArtifactError
 from moeq.formats import ternary_dict as td
 from moeq.formats.codec import Codec
 from moeq.quant.base import QTensor, SharedTable
@@ -56,9 +62,12 @@ class TernaryDictCodec(Codec):
         return name, td.Dictionary.from_table(table)
 
     def encode(self, q: QTensor, shared: dict[str, SharedTable] | None = None):
+        """The quantizer's form (symbols / lo / hi) is coded with the dictionary; the decoded form (codewords /
+        row_offsets / lo / hi, e.g. an entry copied from another artifact) is checked and stored as it is."""
         t = q.tensors
-        if set(t) != {"symbols", "lo", "hi"} or q.meta:
-            raise ValueError(f"{self.name} encodes tensors symbols/lo/hi and no meta, got {sorted(t)} {q.meta}")
+        if set(t) not in ({"symbols", "lo", "hi"}, PARTS) or q.meta:
+            raise ValueError(f"{self.name} encodes tensors symbols/lo/hi (or {'/'.join(sorted(PARTS))}) and no "
+                             f"meta, got {sorted(t)} {q.meta}")
         if not (isinstance(shared, dict) and len(q.shared) == 1 and q.shared[0] in shared):
             raise ValueError(f"{self.name} needs the dictionary table {q.shared} passed as shared=")
         d = td.Dictionary.from_table(shared[q.shared[0]])
@@ -66,6 +75,14 @@ class TernaryDictCodec(Codec):
         for k in ("lo", "hi"):
             if t[k].dtype != torch.float16 or tuple(t[k].shape) != (out_f,):
                 raise ValueError(f"{k} must be float16 [{out_f}], got {_desc(t[k])}")
+        if "codewords" in t:
+            try:
+                td.check_rows(t["codewords"], t["row_offsets"], d, in_f)
+            except ArtifactError as err:
+                raise ValueError(f"{self.name}: the coded rows do not match the dictionary: {err}") from None
+            codewords, offsets = t["codewords"].contiguous(), t["row_offsets"].contiguous()
+            return {"codewords": codewords, "row_offsets": offsets,
+                    "lo": t["lo"].contiguous(), "hi": t["hi"].contiguous()}, {}
         if tuple(t["symbols"].shape) != (out_f, in_f):
             raise ValueError(f"symbols must be [{out_f}, {in_f}], got {_desc(t['symbols'])}")
         codewords, offsets = td.encode_rows(t["symbols"], d)
@@ -89,5 +106,6 @@ class TernaryDictCodec(Codec):
         e(bool((hi >= 0).all()), "hi < 0 (the positive level)")
         e(isinstance(offsets, torch.Tensor) and tuple(offsets.shape) == (out_f + 1,),
           f"row_offsets {_desc(offsets)} for {out_f} rows")
-        symbols = td.decode_rows(parts["codewords"], offsets, d, in_f)
-        return QTensor((out_f, in_f), {"symbols": symbols, "lo": lo, "hi": hi}, {}, (name,))
+        td.check_rows(parts["codewords"], offsets, d, in_f)
+        return QTensor((out_f, in_f), {"codewords": parts["codewords"], "row_offsets": offsets, "lo": lo, "hi": hi},
+                       {}, (name,))
