@@ -7,7 +7,9 @@ Variants (``VARIANTS``): fp32 / bf16 float models (``load_model``); moeq int8 w8
 ``moeq quantize --method int8`` default) and int8 weight-only, each loaded with ``moeq.api.load`` in fp32 and in
 bf16; peers on every nn.Linear but lm_head (PROTOCOL.md "Methods": float model loaded in fp32, cast to the act
 dtype): optimum-quanto qint8 (bf16), torchao Int8WeightOnlyConfig (bf16), bitsandbytes Linear8bitLt t=6 (fp32);
-moeq NUPES W4 g64 data-free (bf16: the LUT kernel route, ``moeq.kernels``).
+moeq NUPES W4 g64 data-free (bf16: the LUT kernel route, ``moeq.kernels``); moeq QMoE ternary experts (bf16: the
+fused ternary-dict kernel; a dense model has no experts, so its row says the recipe selects nothing); one moeq
+matryoshka artifact loaded at 8 and at 4 bits (bf16).
 A peer that is not installed or fails is a row saying so. bf16 always runs: it is the reference of the ratios and
 of the token check. ``--only`` keeps the variants whose name contains one of the given substrings.
 
@@ -83,6 +85,14 @@ def moeq_model(_spec, art, act):
     return api.load(art, dtype=act)[0]
 
 
+def moeq_at(bits: int):
+    """A builder loading the (matryoshka) artifact at ``bits``: only that many bit-planes are read."""
+    def build(_spec, art, act):
+        from moeq import api
+        return api.load(art, dtype=act, bits=bits)[0]
+    return build
+
+
 def linears(model):
     """(parent, child name, module) of every nn.Linear but lm_head."""
     for name, mod in list(model.named_modules()):
@@ -136,6 +146,8 @@ def bnb_model(spec, _art, act, threshold=6.0):
 
 W8A8, WEIGHT_ONLY = {}, {"mode": "weight_only"}
 NUPES4 = {"method": "nupes", "bits": 4, "group_size": 64}
+QMOE = {"method": "qmoe"}                 # ternary experts (a dense model has none: the row says so)
+MATRYOSHKA = {"method": "matryoshka"}     # one artifact, loaded at 8 and at 4 bits
 VARIANTS = {
     "fp32": Variant(F32, float_model, "transformers, load_model(dtype=fp32)"),
     "bf16": Variant(BF16, float_model, "transformers, load_model(dtype=bf16)"),
@@ -144,6 +156,9 @@ VARIANTS = {
     "moeq_int8_wo/fp32": Variant(F32, moeq_model, "moeq int8 --weight-only, load(dtype=fp32)", WEIGHT_ONLY),
     "moeq_int8_wo/bf16": Variant(BF16, moeq_model, "moeq int8 --weight-only, load(dtype=bf16)", WEIGHT_ONLY),
     "moeq_nupes4/bf16": Variant(BF16, moeq_model, "moeq nupes W4 g64 data-free, load(dtype=bf16)", NUPES4),
+    "moeq_qmoe/bf16": Variant(BF16, moeq_model, "moeq qmoe ternary experts (calibrated), load(dtype=bf16)", QMOE),
+    "moeq_mat_r8/bf16": Variant(BF16, moeq_at(8), "moeq matryoshka, load(dtype=bf16, bits=8)", MATRYOSHKA),
+    "moeq_mat_r4/bf16": Variant(BF16, moeq_at(4), "moeq matryoshka, load(dtype=bf16, bits=4)", MATRYOSHKA),
     "quanto_qint8": Variant(BF16, quanto_model, "quantize(weights=qint8, exclude=lm_head)+freeze",
                             peer="optimum-quanto"),
     "ao_int8wo": Variant(BF16, torchao_model, "quantize_(Int8WeightOnlyConfig()), not lm_head", peer="torchao"),

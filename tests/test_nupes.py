@@ -316,3 +316,13 @@ class TestNupesQuantizer(_ConstantRowsFP16, QuantizerConformance):
 
     def stats_for(self, cfg, x):
         return hessian_stats(x) if Q.needs_calibration(cfg) else None
+
+
+def test_mse_clip_never_worse_than_absmax_at_the_same_exponent():
+    """clip="mse" searches each group's range (1.0 included): its weight error is never above absmax's."""
+    w = torch.randn(3, 32, 128, generator=torch.Generator().manual_seed(4)) * 0.02
+    w[0, 0, 5] = 0.5                                                    # an outlier that clipping may trade off
+    for bits in (2, 3, 4):
+        err = [(rtn(w, PowerGrid(bits, 0.7, "half", clip), 64).deq - w).square().view(3, 32, 2, 64).sum(-1)
+               for clip in ("absmax", "mse")]
+        assert bool((err[1] <= err[0]).all()) and float(err[1].sum()) < 0.95 * float(err[0].sum())

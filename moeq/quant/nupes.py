@@ -43,6 +43,7 @@ from moeq.registry import QUANTIZERS
 
 Grid = Literal["half", "sym"]
 BOUNDS = (0.2, 2.0)      # exponent range searched and learned (a -> 0 or large a make the levels degenerate)
+CLIP_RATIOS = tuple(1 - i / 50 for i in range(26))   # clip="mse": range multipliers tried (1.00 .. 0.50)
 DIGITS = 4               # exponents are rounded to this many decimals (meta stays short, the LUT reproducible)
 
 
@@ -109,6 +110,7 @@ class PowerGrid:
     bits: int
     a: float | tuple[float, ...] = 1.0
     grid: Grid = "half"
+    clip: Literal["absmax", "mse"] = "absmax"
     code_dtype: ClassVar[torch.dtype] = torch.uint8
 
     def __post_init__(self):
@@ -133,8 +135,23 @@ class PowerGrid:
 
     def params(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         amax = w.abs().amax(-1)
-        scale = (amax / self.top).clamp(FP16_MIN, FP16_MAX).half().to(w.dtype)
-        return {"scale": scale.masked_fill(amax == 0, 0.0)}
+        if self.clip == "absmax":
+            return {"scale": self._scale(amax)}
+        best, best_err = None, None        # mse: per row (group), the clipped range of least squared error
+        for ratio in CLIP_RATIOS:
+            s = self._scale(amax * ratio)
+            err = (self.quantize(w, {"scale": s[..., None]})[0] - w).square_().sum(-1)
+            if best is None:
+                best, best_err = s, err
+            else:
+                better = err < best_err
+                best, best_err = torch.where(better, s, best), torch.minimum(err, best_err)
+        return {"scale": best}
+
+    def _scale(self, amax: torch.Tensor) -> torch.Tensor:
+        """amax / K rounded to float16 as stored (kept in [2^-24, 65504]); 0 for an all-zero group."""
+        scale = (amax / self.top).clamp(FP16_MIN, FP16_MAX).half().to(amax.dtype)
+        return scale.masked_fill(amax == 0, 0.0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest-level codes (uint8, same shape) of ``x`` in steps; per-expert exponents index x's dim 0."""
@@ -330,6 +347,9 @@ class NupesConfig(GPTQOptions):
     bits: int = Field(4, ge=2, le=8, description="bits per weight code")
     group_size: Literal[0, 32, 64, 128] = Field(64, description="inputs per scale group; 0 = one per row")
     grid: Grid = Field("half", description="half: 2^b levels at half-integer points, no zero; sym: -Q..Q (3+ bits)")
+    clip: Literal["absmax", "mse"] = Field(
+        "absmax", description="scale of a row/group: absmax / K, or the clipped range (1.0-0.5 x) of least squared "
+                              "error for the chosen exponent (mse)")
     mode: Literal["data_free", "data_driven"] = Field(
         "data_free", description="data_free: exponent by weight MSE, round to nearest; data_driven: GPTQ on the "
                                  "power grid + Adam refinement of codes and exponent on the layer output error")
@@ -388,13 +408,13 @@ class NupesQuantizer(Quantizer):
                 for e in range(w.shape[0])]
 
     def _uniform_mse(self, w: torch.Tensor, cfg: NupesConfig) -> torch.Tensor:
-        return _weight_mse(w, rtn(w, PowerGrid(cfg.bits, 1.0, cfg.grid), cfg.group_size).deq)
+        return _weight_mse(w, rtn(w, PowerGrid(cfg.bits, 1.0, cfg.grid, cfg.clip), cfg.group_size).deq)
 
     def _qtensors(self, w, codes, scale, a: list[float], cfg, infos: list[dict]) -> list[QTensor]:
         """One QTensor per expert; ``info`` gains the exponent and ``mse_vs_uniform``: the weight MSE over that of
         a = 1 round-to-nearest on the same grid (above 1 in data-driven mode, which trades weight error for
         output error)."""
-        ratio = (_weight_mse(w, PowerGrid(cfg.bits, tuple(a), cfg.grid).decode(
+        ratio = (_weight_mse(w, PowerGrid(cfg.bits, tuple(a), cfg.grid, cfg.clip).decode(
             codes, _col_scale(scale, w.shape[-1], cfg.group_size))) / self._uniform_mse(w, cfg).clamp(min=1e-30))
         out = []
         for e in range(w.shape[0]):
@@ -407,12 +427,12 @@ class NupesQuantizer(Quantizer):
     def _data_free(self, w: torch.Tensor, cfg: NupesConfig, note: str | None = None) -> list[QTensor]:
         w = w.detach().float()
         a = self._exponents(w, cfg)
-        r = rtn(w, PowerGrid(cfg.bits, tuple(a), cfg.grid), cfg.group_size)
+        r = rtn(w, PowerGrid(cfg.bits, tuple(a), cfg.grid, cfg.clip), cfg.group_size)
         info = {"mode": "data_free"} if note is None else {"mode": "data_free", "fallback": note}
         return self._qtensors(w, r.codes, r.params["scale"], a, cfg, [dict(info) for _ in a])
 
     def _gptq(self, w, h, a: list[float], cfg) -> GridResult:
-        return gptq(w, h, PowerGrid(cfg.bits, tuple(a), cfg.grid), group_size=cfg.group_size,
+        return gptq(w, h, PowerGrid(cfg.bits, tuple(a), cfg.grid, cfg.clip), group_size=cfg.group_size,
                     block_size=cfg.block_size, percdamp=cfg.percdamp, act_order=cfg.act_order, static_groups=True)
 
     def _best_gptq(self, w, h, a0: list[float], cfg) -> tuple[GridResult, list[float], torch.Tensor]:
@@ -429,9 +449,10 @@ class NupesQuantizer(Quantizer):
             take = err < best_err
             if best is None:
                 best = r
-            else:   # the scale does not depend on the exponent: only the codes differ
+            else:   # with clip="mse" the scale depends on the exponent too
                 t = take.to(w.device)
                 best.codes[t], best.deq[t] = r.codes[t], r.deq[t]
+                best.params["scale"][t] = r.params["scale"][t]
             best_a = [c if t else b for c, t, b in zip(cand, take.tolist(), best_a)]
             best_err = torch.where(take, err, best_err)
         return best, best_a, best_err
