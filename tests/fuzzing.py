@@ -61,12 +61,22 @@ class Case:
 
 # -- the base artifact --------------------------------------------------------------------------------------------
 def build_base(dst: Path) -> torch.Tensor:
-    """Write the tiny artifact to ``dst``; its logits on ``TOKENS`` as loaded back (the reference)."""
+    """Write the tiny artifact to ``dst``; its logits on ``TOKENS`` as loaded back (the reference). Its
+    manifest's ``checksums`` are removed (``unseal``): they would refuse every edit of the manifest or config up
+    front, and whoever forges an artifact drops them too; the fuzzer tests the checks behind them."""
     from moeq.pipeline.quantize import quantize_model
     from moeq.recipes import Recipe
     from tests.tiny_models import build
     quantize_model(build("mixtral"), dst, Recipe(**RECIPE))
+    unseal(dst)
     return logits_of(dst)
+
+
+def unseal(path: Path) -> None:
+    """Remove the checksums of an artifact's manifest and config.json (an artifact written before them)."""
+    m = json.loads((path / "moeq.json").read_text())
+    m.pop("checksums", None)
+    (path / "moeq.json").write_text(json.dumps(m, indent=1, sort_keys=True) + "\n")
 
 
 def logits_of(path: Path) -> torch.Tensor:

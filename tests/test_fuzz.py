@@ -145,3 +145,26 @@ def test_config_values_are_typed_and_bounded(base, tmp_path):
         (a / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(MoeqError, match=needle):
             fuzzing.logits_of(a)
+
+
+def test_checksums_cover_the_manifest_and_config(tmp_path):
+    """An artifact records the sha256 of its manifest (entry meta and options included, which the part hashes do
+    not cover) and of config.json: a consistent-looking edit of either is refused; without the checksums (an
+    older artifact) it loads."""
+    from moeq.pipeline.quantize import quantize_model
+    from moeq.recipes import Recipe
+    from tests.tiny_models import build
+    art = tmp_path / "art"
+    quantize_model(build("mixtral"), art, Recipe(**fuzzing.RECIPE))
+    fuzzing.logits_of(art)
+    for name, edit in [("config.json", lambda c: c.update(rms_norm_eps=c["rms_norm_eps"] * 2)),
+                       ("moeq.json", lambda m: next(e for e in m["tensors"].values()
+                                                    if e["codec"] == "int8-rows")["meta"].update(threshold=5.0))]:
+        a = _copy((art,), tmp_path / name)
+        doc = json.loads((a / name).read_text())
+        edit(doc)
+        (a / name).write_text(json.dumps(doc))
+        with pytest.raises(ArtifactError, match=f"{name}: does not match"):
+            fuzzing.logits_of(a)
+        fuzzing.unseal(a)
+        fuzzing.logits_of(a)                       # consistent once the checksums are gone

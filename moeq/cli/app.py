@@ -1,4 +1,4 @@
-"""moeq command line: ``moeq quantize``, ``moeq eval``, ``moeq inspect``, ``moeq methods``."""
+"""moeq command line: ``moeq quantize``, ``moeq eval``, ``moeq extract``, ``moeq inspect``, ``moeq methods``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import typer
 
 from moeq.cli import eval as eval_cmd
+from moeq.cli import extract as extract_cmd
 from moeq.cli import inspect as inspect_cmd
 from moeq.cli import methods as methods_cmd
 from moeq.cli import quantize as quantize_cmd
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.command("quantize")(quantize_cmd.quantize)
 app.command("eval")(eval_cmd.evaluate)
+app.command("extract")(extract_cmd.extract)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("methods")(methods_cmd.methods)
 

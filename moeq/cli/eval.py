@@ -30,6 +30,8 @@ def evaluate(
              "layers that do not fit run from a disk offload")] = None,
     allow_long_context: Annotated[bool, typer.Option(
         "--allow-long-context", help="allow --seqlen beyond the model's context (a warning instead of an error)")] = False,
+    bits: Annotated[Optional[int], typer.Option(
+        help="a matryoshka artifact at this width, reading only its bit-planes (no extraction)")] = None,
 ):
     """Perplexity, mean KL against the float model, speed, memory and bytes/param of a packed model."""
     from moeq.paths import check_input_file, check_local_spec, check_output_file
@@ -58,7 +60,8 @@ def evaluate(
     from moeq.progress import RichReporter
     with RichReporter(err_console) as rep:
         res = api.evaluate(model, baseline, spec, speed=speed, reporter=rep, max_memory=mem,
-                           use_baseline=not no_baseline, dtype=dtype, allow_long_context=allow_long_context)
+                           use_baseline=not no_baseline, dtype=dtype, allow_long_context=allow_long_context,
+                           bits=bits)
     title = (f"[bold]moeq eval[/]: {escape(model or 'tiny-moe')}\n"
              f"{escape(res['ppl']['describe'])}, corpus {escape(corpus)}")
     if res.get("baseline"):
@@ -79,6 +82,9 @@ def evaluate(
               f"{res['ppl_ratio']:.4f}" if b else "-")
     if res.get("kl_mean") is not None:
         t.add_row("mean KL(baseline || moeq), nats", f"{res['kl_mean']:.5f}", "", "")
+    if res.get("bits") is not None:
+        t.add_row("width (nested entries)", f"{res['bits']} bits", "", "")
+        t.add_row("code bytes read", human_bytes(res["code_bytes_read"]), "", "")
     if "bits_per_param" in res:
         t.add_row("bits/param (quantized weights)", f"{res['bits_per_param']:.3f}", "", "")
         t.add_row("artifact size", human_bytes(res["total_bytes"]), "", "")

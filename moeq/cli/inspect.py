@@ -22,7 +22,8 @@ def inspect(
 ):
     """Show what an artifact holds: per module type and per expert codec, bits/param and bytes; totals.
 
-    Reads the manifest, the config and the shard headers only (all validated), no tensor."""
+    Reads the manifest, the config and the shard headers only (all validated), no tensor. An artifact written
+    by [bold]moeq extract --budget[/] also shows the width each expert got (layer x expert)."""
     from moeq.paths import check_artifact_dir, check_output_file
     check_artifact_dir(artifact)
     check_output_file(json_out)
@@ -81,4 +82,14 @@ def inspect(
         if starved:
             console.print(f"[yellow]fallback[/]: {starved} experts got too few routed calibration tokens: [yellow]rtn[/] "
                           "= quantized data-free, [yellow]route_all[/] = statistics from every calibration token")
+    if info["allocation"] is not None:
+        from moeq.cli.extract import allocation_rows, grid_table
+        alloc = info["allocation"]
+        t = table("allocation (moeq extract --budget)", show_header=False)
+        t.add_column(style="bold", no_wrap=True)
+        t.add_column(overflow="fold")
+        for k, v in allocation_rows(alloc):
+            t.add_row(k, v)
+        console.print(t)
+        console.print(grid_table(alloc["grid"]))
     write_json(json_out, info)

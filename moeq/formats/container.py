@@ -244,10 +244,15 @@ class ArtifactWriter:
             os.replace(self.tmp / r["shard"], self.tmp / final[g])
         shutil.rmtree(self.tmp / "records")
         (self.tmp / "run.json").unlink()
+        config_sha = None
         if config is not None:
-            (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+            (self.tmp / "config.json").write_bytes(text)
+            config_sha = hashlib.sha256(text).hexdigest()
         body = {**manifest, "format_version": FORMAT_VERSION, "shards": [final[g] for g in order],
                 "tensors": entries, "kept": kept, "shared": shared, "tied": self.tied}
+        body.pop("checksums", None)
+        body["checksums"] = {"manifest": manifest_digest(body), "config": config_sha}
         (self.tmp / MANIFEST).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
         if self.out.exists():
             self.out.rmdir()  # only an empty directory can be here (checked in __init__)
@@ -352,6 +357,13 @@ def artifact_file(root: Path, name: str, what: str) -> Path:
     return p
 
 
+def manifest_digest(body: dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON (sorted keys, no whitespace) without its ``checksums`` field."""
+    text = json.dumps({k: v for k, v in body.items() if k != "checksums"}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def read_json(root: Path, name: str, what: str, max_bytes: int):
     """The JSON document ``name`` of an artifact (``artifact_file``), at most ``max_bytes``; ArtifactError naming
     the file when it is larger, not UTF-8 JSON, or nested too deeply to parse."""
@@ -392,6 +404,22 @@ class ArtifactReader:
         self._handles: dict[str, Any] = {}
         self.bytes_read = 0
         self.check_shards()
+        self.check_checksums(data)
+
+    def check_checksums(self, raw: dict[str, Any]) -> None:
+        """The manifest and config.json against the checksums the manifest records (artifacts written before
+        them have none): after every structural check, so a malformed field is named as such first."""
+        sums = self.manifest.get("checksums")
+        if not sums:
+            return
+        if manifest_digest(raw) != sums["manifest"]:
+            raise ArtifactError(f"{self.path / MANIFEST}: does not match its recorded sha256 (edited or corrupt)")
+        cfg = self.path / "config.json"
+        if sums.get("config") is not None:
+            from moeq.formats.config import CONFIG, MAX_CONFIG_BYTES
+            p = artifact_file(self.path, CONFIG, "config")
+            if p.stat().st_size > MAX_CONFIG_BYTES or hashlib.sha256(p.read_bytes()).hexdigest() != sums["config"]:
+                raise ArtifactError(f"{cfg}: does not match the sha256 the manifest records (edited or corrupt)")
 
     def check_shards(self) -> None:
         """Each shard's header against the manifest (see the class docstring); the handles stay open for reading."""

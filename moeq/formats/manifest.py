@@ -182,6 +182,52 @@ class CalibrationRecord(_Strict):
     layer_inputs: str
 
 
+class AllocationUnit(_Strict):
+    """One expert of one layer (all its nested entries) and the width the allocation gave it."""
+
+    layer: int | None = Field(None, ge=0)
+    module: str = Field(min_length=1)            # the experts module (``model.layers.3.mlp.experts``)
+    expert: int = Field(ge=0)
+    bits: int = Field(ge=1, le=32)
+    bytes: int = Field(ge=0)                     # its entries at ``bits``: code planes + scales/offsets
+    weights: int = Field(ge=0)
+    error: float = Field(ge=0)                   # estimated error at ``bits`` (see ``moeq.pipeline.extract``)
+    tokens: float | None = Field(None, ge=0)     # the routed-token weight of its error; None: data-free, unweighted
+    entries: list[str] = Field(min_length=1)
+
+
+class UniformRecord(_Strict):
+    """The same width for every expert, for comparison (the pinned entries as in the allocation)."""
+
+    bits: int = Field(ge=1, le=32)
+    bytes: int = Field(ge=0)
+    error: float = Field(ge=0)
+
+
+class AllocationRecord(_Strict):
+    """How ``moeq extract --budget`` chose a width per expert (written by ``moeq.pipeline.extract``)."""
+
+    solver: str
+    status: str
+    budget: str                                  # as the user wrote it (``3``, ``750MB``)
+    budget_bytes: int = Field(ge=0)
+    chosen_bytes: int = Field(ge=0)              # every unit and pinned entry at its width
+    error: float = Field(ge=0)                   # total estimated error of the experts
+    metric: str                                  # out_err's metric: output | weight_mse | mixed
+    data_free: bool                              # no routed-token counts: the allocation is hotness-blind
+    pinned: dict[str, int]                       # non-expert nested entry -> its width
+    units: dict[str, AllocationUnit]
+    uniform: UniformRecord | None = None
+
+
+class Checksums(_Strict):
+    """sha256 of the manifest itself (its canonical JSON without this field: every entry's meta, options and
+    fields the part hashes do not cover) and of config.json's bytes (None: written without one)."""
+
+    manifest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    config: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
 class Manifest(_Strict):
     format_version: int
     tool: str
@@ -194,6 +240,8 @@ class Manifest(_Strict):
     kept: dict[str, Kept]
     shared: dict[str, Shared] = Field(default_factory=dict)
     tied: dict[str, str] = Field(default_factory=dict)
+    checksums: Checksums | None = None           # absent in artifacts written before moeq 0.1 stop 18
+    allocation: AllocationRecord | None = None   # only in artifacts written by ``moeq extract --budget``
 
     @field_validator("shards")
     @classmethod

@@ -17,18 +17,30 @@ from moeq.runtime.load import is_artifact, load_any, model_context, resolve_dtyp
 
 def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = EvalSpec(), speed: bool = True,
              reporter: Reporter = Reporter(), max_memory: int | None = None, use_baseline: bool = True,
-             dtype: str | torch.dtype = "auto", allow_long_context: bool = False) -> dict[str, Any]:
+             dtype: str | torch.dtype = "auto", allow_long_context: bool = False,
+             bits: int | None = None) -> dict[str, Any]:
     """Perplexity (+ mean KL and ppl ratio against ``baseline`` measured in the same run), speed, memory.
     ``dtype``: the compute dtype of ``target`` (``auto``: the checkpoint's, bfloat16 where that is float32); the
     baseline computes in the same one. ``max_memory`` (bytes, per model): models larger than that are placed with
     accelerate and partly run from disk (see ``load``). A ``spec.seqlen`` beyond the model's context (its config's
     ``max_position_embeddings``) is refused before anything is loaded, or with ``allow_long_context`` reported
-    in the result (``long_context``) and logged."""
+    in the result (``long_context``) and logged.
+
+    ``bits``: a matryoshka artifact evaluated at that width, reading only its bit-planes (no extraction); the
+    result says the width (``bits``) and the packed bytes that load read (``code_bytes_read``: the planes of that
+    width and the scales, other entries whole), and ``bits_per_param`` is the loaded model's. A width the artifact
+    cannot give is a MoeqError before anything is loaded."""
     from moeq.data.corpus import load_text
     from moeq.eval.perplexity import perplexity, tokenize_windows
     from moeq.eval.speed import measure_speed
 
     from moeq.models.stream import trim_heap
+    if bits is not None:  # before the baseline is loaded: a width the artifact cannot give is one line now
+        if target is None or not is_artifact(target):
+            raise MoeqError(f"--bits {bits}: {target or 'tiny-moe'} is not a moeq artifact; --bits reads a "
+                            "matryoshka artifact at fewer bits")
+        from moeq.runtime.load import check_bits
+        check_bits(ArtifactReader(target), bits)
     dtype = resolve_dtype(target, dtype)
     context = model_context(target)
     long_context = context is not None and spec.seqlen > context
@@ -51,7 +63,7 @@ def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = E
     base = load_any(baseline, reporter, max_memory, dtype=dtype)[0] if baseline else None
     trim_heap()
     t0 = time.perf_counter()
-    model, tok, manifest = load_any(target, reporter, max_memory, dtype=dtype)
+    model, tok, manifest = load_any(target, reporter, max_memory, dtype=dtype, bits=bits)
     dtype = model.dtype
     load_s = time.perf_counter() - t0
     if tok is None:
@@ -77,6 +89,12 @@ def evaluate(target: str | None, baseline: str | None = None, spec: EvalSpec = E
         result["quantized_bytes"] = manifest["totals"]["quantized_bytes"]
         result["total_bytes"] = manifest["totals"]["total_bytes"]
         result["method"] = "+".join(dict.fromkeys(r["method"] for r in manifest["recipe"]["rules"]))
+        if bits is not None:
+            from moeq.pipeline.extract import packed_bytes_at
+            result["bits"] = bits
+            result["code_bytes_read"] = packed_bytes_at(manifest, bits)
+            params = max(manifest["totals"]["quantized_params"], 1)
+            result["bits_per_param"] = round(8 * result["code_bytes_read"] / params, 4)
     if speed:
         with reporter.task("speed", None):
             result["speed"] = measure_speed(model, windows[0])

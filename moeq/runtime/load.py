@@ -162,13 +162,17 @@ def resolve_dtype(spec: str | None, dtype: str | torch.dtype | None) -> torch.dt
 
 
 def load_any(spec: str | None, reporter: Reporter = Reporter(), max_memory: int | None = None,
-             dtype: str | torch.dtype | None = torch.float32):
+             dtype: str | torch.dtype | None = torch.float32, bits: int | None = None):
     """An artifact directory or any model spec the loader understands: (model, tokenizer, manifest|None), computing
     in ``dtype`` (see ``compute_dtype``; the model's dtype is ``model.dtype``). ``max_memory`` (bytes): place it
-    with accelerate, offloading to disk what does not fit."""
+    with accelerate, offloading to disk what does not fit. ``bits``: an artifact's nested entries at that width
+    (see ``load``); a MoeqError for anything but an artifact."""
     if spec is not None and is_artifact(spec):
-        model, tok, reader = load(spec, reporter, dtype=dtype, max_memory=max_memory)
+        model, tok, reader = load(spec, reporter, dtype=dtype, max_memory=max_memory, bits=bits)
         return model, tok, reader.manifest
+    if bits is not None:
+        raise MoeqError(f"{spec or 'the default model'} is not a moeq artifact; only an artifact's nested "
+                        f"precisions (method matryoshka) can be read at {bits} bits")
     from moeq.models.loader import load_model
     dtype = resolve_dtype(spec, dtype)
     with reporter.task(f"load {spec or 'default model'}", None):
