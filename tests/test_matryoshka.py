@@ -9,12 +9,14 @@ import struct
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moeq import api
 from moeq.errors import ArtifactError, MoeqError
 from moeq.formats import bitplanes
 from moeq.formats.codecs.bitplanes import BitplanesCodec
 from moeq.formats.container import ArtifactReader
+from moeq.kernels import cpu
 from moeq.pipeline.extract import extract
 from moeq.quant.base import QTensor, Stats
 from moeq.quant.gptq import group_params
@@ -31,7 +33,7 @@ from moeq.quant.matryoshka import (
 from moeq.recipes import Recipe
 from moeq.registry import load_builtins
 from moeq.runtime.build import packed_modules
-from moeq.runtime.matryoshka import MatryoshkaLinear
+from moeq.runtime.matryoshka import MatryoshkaLinear, u8_offset
 from tests.conformance import CodecConformance, QuantizerConformance, _equal
 from tests.tiny_models import V, build
 
@@ -263,6 +265,124 @@ def test_runtime_at_every_width_is_the_dequantized_linear(sym):
         torch.testing.assert_close(mod.to(torch.bfloat16)(xb).float(),
                                    torch.nn.functional.linear(xb, deq.bfloat16(), bias.bfloat16()).float(),
                                    rtol=2e-2, atol=2e-2)
+
+
+
+# ------------------------------------------------------------------- the uint8 route (symmetric, r = 5..8, C++)
+
+ALL_WIDTHS = (8, 7, 6, 5, 4, 3, 2)
+needs_cpp = pytest.mark.skipif(cpu.library() is None, reason="the C++ kernel library does not build here")
+
+
+def _width(r, group_size, shape=(40, 200), seed=11):
+    """A weight's QTensor read at r bits (symmetric, data-free) and a bias."""
+    w = torch.randn(*shape, generator=_gen(seed)) * 0.02
+    cfg = MatryoshkaConfig(mode="data_free", widths=ALL_WIDTHS, group_size=group_size)
+    parts, meta = CODEC.encode(Q.quantize(w, cfg, None))
+    q = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, r)}, meta, shape, 1)
+    return q, torch.randn(shape[0], generator=_gen(seed + 1))
+
+
+def _spy(monkeypatch, name):
+    """Count the calls of ``cpu.<name>`` (the route a forward takes)."""
+    calls = []
+    fn = getattr(cpu, name)
+    monkeypatch.setattr(cpu, name, lambda *a, **k: calls.append(1) or fn(*a, **k))
+    return calls
+
+
+@needs_cpp
+@pytest.mark.parametrize("group_size", [64, 0])
+@pytest.mark.parametrize("r", [5, 6, 7, 8])
+def test_u8_route_is_the_dequantized_linear(r, group_size, monkeypatch):
+    q, bias = _width(r, group_size)                            # in_features 200: not a multiple of 16 or 64
+    mod = MatryoshkaLinear(q, bias)
+    assert mod.u8 and mod.kernel_group is None and "route=u8_matvec" in repr(mod)
+    assert mod.codes.dtype == torch.uint8 and tuple(mod.codes.shape) == (40, 200)      # one byte a weight
+    deq = Q.dequantize(q)
+    assert torch.equal(mod.dequantized(), deq)                 # the C++ decode: bit for bit
+    for dt in (torch.bfloat16, torch.float16):
+        assert torch.equal(mod.dequantized(dt), deq.to(dt))   # one rounding
+    monkeypatch.setattr(cpu, "U8_TILE_BYTES", 1)               # prefill: several tiles (16 rows each)
+    matvec, tiled = _spy(monkeypatch, "u8_matvec"), _spy(monkeypatch, "u8_linear_tiled")
+    modb = MatryoshkaLinear(q, bias).to(torch.bfloat16)
+    assert modb.codes.dtype == torch.uint8 and modb.scales.dtype == torch.float32
+    for m in (1, 3, 64):
+        x = torch.randn(m, 200, generator=_gen(20 + m))
+        y = mod(x)
+        torch.testing.assert_close(y, F.linear(x, deq, bias), rtol=1e-5, atol=1e-5)
+        xb = x.bfloat16()
+        torch.testing.assert_close(modb(xb).float(), F.linear(xb, deq.bfloat16(), bias.bfloat16()).float(),
+                                   rtol=2e-2, atol=2e-2)
+        with monkeypatch.context() as mp:                       # the torch route: the same numbers
+            mp.setenv("MOEQ_KERNEL", "torch")
+            n = len(matvec) + len(tiled)
+            torch.testing.assert_close(mod(x), y, rtol=1e-5, atol=1e-5)
+            assert torch.equal(mod.dequantized(), deq)
+            assert len(matvec) + len(tiled) == n
+    small = cpu.U8_MATVEC_MAX_M[cpu.flavor()]
+    fused = sum(m <= small for m in (1, 3, 64))                 # two modules (float32, bf16) per M
+    assert len(matvec) == 2 * fused and len(tiled) == 2 * (3 - fused)
+    x = torch.randn(2, 3, 200, generator=_gen(30))              # leading dims
+    torch.testing.assert_close(mod(x), F.linear(x, deq, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_u8_route_falls_back_without_the_library(monkeypatch):
+    monkeypatch.setattr(cpu, "library", lambda: None)
+    q, bias = _width(8, 64)
+    mod = MatryoshkaLinear(q, bias)
+    assert not mod.u8 and mod.qweight.numel() == 40 * 200 and "route=dequantize+linear" in repr(mod)
+    x = torch.randn(3, 200, generator=_gen(31))
+    deq = Q.dequantize(q)
+    assert torch.equal(mod.dequantized(), deq)
+    torch.testing.assert_close(mod(x), F.linear(x, deq, bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("k,group_size", [(16, 0), (200, 64), (200, 0), (192, 64), (4 * 64 + 5, 128)])
+def test_u8_kernels_against_the_formula(k, group_size):
+    """Every code value, float16-valued scales, every x dtype, odd shapes (a row tail per group), M past a block of
+    4 rows and 13 output rows (past a block of 4)."""
+    n, off = 13, u8_offset(8)
+    codes = (torch.arange(n * k) * 37 % 256).to(torch.uint8).view(n, k)
+    g = group_size or k
+    scales = (torch.rand(n, -(-k // g), generator=_gen(40)) * 1e-3).half().float()
+    w = (codes.float() + off) * scales.repeat_interleave(g, dim=1)[:, :k]
+    assert torch.equal(cpu.u8_dequantize(codes, scales, group_size, off), w)
+    assert torch.equal(cpu.u8_dequantize(codes, scales, group_size, off, torch.bfloat16), w.bfloat16())
+    assert torch.equal(cpu.u8_dequantize(codes, scales, group_size, off, torch.float16), w.half())
+    for m in (1, 2, 3, 4, 7, 9):
+        x = torch.randn(m, k, generator=_gen(41 + m))
+        ref = F.linear(x.double(), w.double())
+        torch.testing.assert_close(cpu.u8_matvec(x, codes, scales, group_size, off).double(), ref,
+                                   rtol=1e-5, atol=1e-6)
+        for dt in (torch.bfloat16, torch.float16):
+            xd = x.to(dt)
+            exact = F.linear(xd.double(), w.double())           # only the output rounding differs
+            y = cpu.u8_matvec(xd, codes, scales, group_size, off)
+            assert y.dtype == dt
+            torch.testing.assert_close(y.double(), exact.to(dt).double(), rtol=1e-2, atol=1e-4)
+            assert torch.equal(cpu.u8_matvec(xd, codes, scales, group_size, off, torch.float32).to(dt), y)
+        torch.testing.assert_close(cpu.u8_linear_tiled(x, codes, scales, group_size, off).double(), ref,
+                                   rtol=1e-5, atol=1e-6)
+    threads = torch.get_num_threads()
+    try:                                                        # the OpenMP split over blocks of output rows
+        torch.set_num_threads(2)
+        x = torch.randn(5, k, generator=_gen(50))
+        want = cpu.u8_matvec(x, codes, scales, group_size, off)
+        cpu.U8_PARALLEL_MIN, saved = 0, cpu.U8_PARALLEL_MIN
+        try:
+            assert torch.equal(cpu.u8_matvec(x, codes, scales, group_size, off), want)
+            assert torch.equal(cpu.u8_dequantize(codes, scales, group_size, off), w)
+        finally:
+            cpu.U8_PARALLEL_MIN = saved
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError):
+        cpu.u8_matvec(torch.randn(1, k + 1), codes, scales, group_size, off)
+    with pytest.raises(ValueError):
+        cpu.u8_matvec(torch.randn(1, k), codes, scales[:, :1].contiguous() if scales.shape[1] > 1 else scales[:1],
+                      group_size, off)
 
 
 # -------------------------------------------------------------------------------------- artifact end to end

@@ -3,7 +3,10 @@ library holds LLM.int8's fused w8a8 matvec for decode (``int8_matvec``: per-toke
 torch's exact rounding, int32 dot products by AVX-512 VNNI, scales, static outlier columns and bias in one call; the
 caller is :class:`moeq.runtime.int8.Int8Linear`; benchmarks/int8_fused.py), and QMoE's ``ternary-dict`` kernels
 (``moeq_td_matvec``: y from the dictionary-coded rows without forming W; ``moeq_td_decode``: W in x's dtype; the
-caller is :class:`moeq.runtime.ternary_dict.TernaryDictLinear`; benchmarks/qmoe_speed.py).
+caller is :class:`moeq.runtime.ternary_dict.TernaryDictLinear`; benchmarks/qmoe_speed.py), and the uint8-code
+kernels of matryoshka widths 5..8 (``moeq_u8_matvec``: y from one byte a weight plus an offset and float32 group
+scales, W never formed; ``moeq_u8_dequant``: W in x's dtype for prefill tiles; the caller is
+:class:`moeq.runtime.matryoshka.MatryoshkaLinear`; benchmarks/matryoshka_speed.py).
 
 Plain C++ (no torch headers: a cold build takes ~1-3 s instead of ~45-70 s for a torch extension, and needs no
 ninja), compiled with ``$CXX`` or ``c++`` (-O3 -march=native -fopenmp) and loaded with ctypes. OpenMP threads:
@@ -649,6 +652,104 @@ inline void td_for_rows(int64_t r0, int64_t r1, int threads, F body) {
   for (int64_t r = r0; r < r1; ++r) body(r);
 }
 
+// ---------------------------------------------------------------- uint8 codes + offset (matryoshka at 5..8 bits)
+// One byte per weight, row-major c [N, K] (any K), float32 scales s [N, ng], group g = inputs [g * G, min((g + 1) *
+// G, K)), one additive offset per width: W[o, k] = s[o, g] * (c[o, k] + off). The weight is formed as
+// fma(c, s, off * s): with s a float16 value times a power of two (11 significant bits) and c, 2 * off integers
+// below 2^8 in magnitude, c * s and off * s are exact, so w = (c + off) * s rounded once, the float32 weight the
+// torch reference (lut[c] * scale) computes, bit for bit. AVX-512: 16 bytes -> 16 dwords (vpmovzxbd) -> 16 floats
+// (vcvtdq2ps) -> one fma gives 16 scaled weights; a group's last partial chunk is masked (zero codes and zero x).
+#ifdef MOEQ_AVX512VL
+inline __m512 u8_weights(const uint8_t* p, __mmask16 m, __m512 sv, __m512 ov) {
+  const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)));
+  return _mm512_fmadd_ps(c, sv, ov);
+}
+
+inline __mmask16 u8_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+// 16 inputs of RB rows of codes and MT rows of x into the accumulators (TAIL: the lanes of mk only).
+template <int RB, int MT, bool TAIL>
+inline void u8_step(__m512 (&acc)[RB][MT], const uint8_t* c, int64_t K, int64_t k, const float* x, int64_t ldx,
+                    const __m512 (&sv)[RB], const __m512 (&ov)[RB], __mmask16 mk) {
+  __m512 xv[MT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+    xv[m] = TAIL ? _mm512_maskz_loadu_ps(mk, x + m * ldx + k) : _mm512_loadu_ps(x + m * ldx + k);
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r) {
+    const __m512 w = TAIL ? u8_weights(c + r * K + k, mk, sv[r], ov[r])
+                          : _mm512_fmadd_ps(_mm512_cvtepi32_ps(widen(c + r * K + k)), sv[r], ov[r]);
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_fmadd_ps(w, xv[m], acc[r][m]);
+  }
+}
+
+// y for RB rows of codes (c: the first, row stride K; s: its scales, stride ng) and MT rows of x (float32, stride
+// ldx), written to y[y0 + m * N + r] as out_dtype: RB * MT accumulators; each 16 inputs of x are loaded once for
+// the RB rows and each 16 weights are formed once for the MT rows.
+template <int RB, int MT>
+inline void u8_block(const uint8_t* c, const float* s, int64_t ng, int64_t G, int64_t K, float off, const float* x,
+                     int64_t ldx, void* y, int64_t y0, int64_t N, int out_dtype) {
+  __m512 acc[RB][MT];
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
+    const int64_t k1 = k0 + G < K ? k0 + G : K;
+    __m512 sv[RB], ov[RB];
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) {
+      sv[r] = _mm512_set1_ps(s[r * ng + g]);
+      ov[r] = _mm512_set1_ps(off * s[r * ng + g]);
+    }
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) u8_step<RB, MT, false>(acc, c, K, k, x, ldx, sv, ov, 0xFFFF);
+    if (k < k1) u8_step<RB, MT, true>(acc, c, K, k, x, ldx, sv, ov, u8_mask(k1 - k));    // a group's partial tail
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) store_elem(y, y0 + m * N + r, _mm512_reduce_add_ps(acc[r][m]), out_dtype);
+}
+
+// Output rows [o0, o1) for rows [m, m + MT) of x: blocks of RB rows of codes, the rest one at a time.
+template <int RB, int MT>
+inline void u8_rows(const uint8_t* c, const float* s, int64_t ng, int64_t G, int64_t K, float off, const float* x,
+                    int64_t m, void* y, int64_t N, int out_dtype, int64_t o0, int64_t o1) {
+  int64_t o = o0;
+  for (; o + RB <= o1; o += RB)
+    u8_block<RB, MT>(c + o * K, s + o * ng, ng, G, K, off, x + m * K, K, y, m * N + o, N, out_dtype);
+  for (; o < o1; ++o) u8_block<1, MT>(c + o * K, s + o * ng, ng, G, K, off, x + m * K, K, y, m * N + o, N, out_dtype);
+}
+
+// One row of W into w (DT: float32, bfloat16 or float16), full chunks unmasked, a group's tail masked.
+template <int DT>
+inline void u8_dequant_row(const uint8_t* row, const float* s, int64_t G, int64_t K, float off, void* w) {
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
+    const int64_t k1 = k0 + G < K ? k0 + G : K;
+    const __m512 sv = _mm512_set1_ps(s[g]), ov = _mm512_set1_ps(off * s[g]);
+    int64_t k = k0;
+#pragma GCC unroll 4
+    for (; k + 16 <= k1; k += 16) store16(w, k, u8_weights(row + k, 0xFFFF, sv, ov), DT);
+    if (k < k1) {
+      const __mmask16 m = u8_mask(k1 - k);
+      const __m512 v = u8_weights(row + k, m, sv, ov);
+      if (DT == F32) _mm512_mask_storeu_ps((float*)w + k, m, v);
+      else _mm256_mask_storeu_epi16((uint16_t*)w + k, m, half16(v, DT));
+    }
+  }
+}
+#endif
+
+// One row of codes -> float32 weights (any CPU; the same rounding: (c + off) is exact, one product).
+inline void u8_row_portable(const uint8_t* row, const float* s, int64_t G, int64_t K, float off, float* w) {
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
+    const int64_t k1 = k0 + G < K ? k0 + G : K;
+    for (int64_t k = k0; k < k1; ++k) w[k] = ((float)row[k] + off) * s[g];
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -803,6 +904,60 @@ void moeq_td_decode(const TdCode* L, int64_t r0, int64_t r1, int dtype, void* ou
   }
 }
 
+// uint8 codes + offset (formula: u8_weights): y[M, N] (out_dtype) = x[M, K] (dtype) @ W.T, W never formed; x is
+// converted to float32 once; blocks of U8_RB output rows split over the threads, up to 4 rows of x per pass over them.
+constexpr int64_t U8_RB = 4;
+void moeq_u8_matvec(const void* x, int dtype, int64_t M, int64_t K, const uint8_t* c, int64_t N, const float* s,
+                    int64_t G, float off, void* y, int out_dtype, int threads) {
+  const int64_t ng = (K + G - 1) / G;
+  thread_local std::vector<float> xbuf;      // scratch of the calling thread, grown on demand
+  const float* xf = (const float*)x;
+  if (dtype != F32) {
+    if ((int64_t)xbuf.size() < M * K) xbuf.resize((size_t)(M * K));
+    for (int64_t i = 0; i < M * K; ++i) xbuf[i] = load_elem(x, i, dtype);
+    xf = xbuf.data();
+  }
+  td_for_rows(0, (N + U8_RB - 1) / U8_RB, threads, [&](int64_t b) {
+    const int64_t o0 = b * U8_RB, o1 = o0 + U8_RB < N ? o0 + U8_RB : N;
+#ifdef MOEQ_AVX512VL
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) u8_rows<4, 4>(c, s, ng, G, K, off, xf, m, y, N, out_dtype, o0, o1);
+    if (M - m == 3) u8_rows<4, 3>(c, s, ng, G, K, off, xf, m, y, N, out_dtype, o0, o1);
+    else if (M - m == 2) u8_rows<4, 2>(c, s, ng, G, K, off, xf, m, y, N, out_dtype, o0, o1);
+    else if (M - m == 1) u8_rows<4, 1>(c, s, ng, G, K, off, xf, m, y, N, out_dtype, o0, o1);
+#else
+    thread_local std::vector<float> w;
+    if ((int64_t)w.size() < K) w.resize((size_t)K);
+    for (int64_t o = o0; o < o1; ++o) {
+      u8_row_portable(c + o * K, s + o * ng, G, K, off, w.data());
+      for (int64_t m = 0; m < M; ++m) store_elem(y, m * N + o, dot_portable(w.data(), xf + m * K, K), out_dtype);
+    }
+#endif
+  });
+}
+
+// Rows [r0, r1) of the dense W into out ([r1 - r0, K]; dtype 0 float32, 1 bfloat16, 2 float16): the float32 weight
+// (u8_weights), then one rounding (nearest even).
+void moeq_u8_dequant(const uint8_t* c, int64_t r0, int64_t r1, int64_t K, const float* s, int64_t G, float off,
+                     int dtype, void* out, int threads) {
+  const int64_t ng = (K + G - 1) / G;
+  td_for_rows(r0, r1, threads, [&](int64_t o) {
+    const uint8_t* row = c + o * K;
+    const float* so = s + o * ng;
+    const int64_t base = (o - r0) * K;
+#ifdef MOEQ_AVX512VL
+    if (dtype == F32) u8_dequant_row<F32>(row, so, G, K, off, (float*)out + base);
+    else if (dtype == BF16) u8_dequant_row<BF16>(row, so, G, K, off, (uint16_t*)out + base);
+    else u8_dequant_row<F16>(row, so, G, K, off, (uint16_t*)out + base);
+#else
+    thread_local std::vector<float> w;
+    if ((int64_t)w.size() < K) w.resize((size_t)K);
+    u8_row_portable(row, so, G, K, off, w.data());
+    for (int64_t k = 0; k < K; ++k) store_elem(out, base + k, w[k], dtype);
+#endif
+  });
+}
+
 }  // extern "C"
 """
 
@@ -812,10 +967,16 @@ TILE_BYTES = 4 << 20          # prefill: dequantize this many bytes of W per GEM
 INT8_PARALLEL_MIN = 1 << 19   # int8 matvec: weights below which one thread beats two (benchmarks/int8_fused.py)
 TERNARY_PARALLEL_MIN = 1 << 12  # ternary-dict: one thread below this many codewords (~100k weights; not measured:
                                 # a parallel region costs a few us, a 4096-codeword row walk ~10 us)
+U8_MATVEC_MAX_M = {"avx512": 8, "portable": 1}   # uint8 codes: the matvec up to this many rows of x, tile + GEMM
+                                                  # above, by library flavor (benchmarks/KERNELS.md)
+U8_PARALLEL_MIN = 1 << 16     # uint8 codes: one thread below this many weights (not measured, as TERNARY_PARALLEL_MIN)
+U8_TILE_BYTES = 8 << 20       # uint8 codes, prefill: bytes of W decoded per GEMM (fewer, larger GEMMs than the
+                              # LUT route's: the tile decode runs at the store rate, benchmarks/KERNELS.md)
 TERNARY_RECORDS = 1 << 16     # ternary-dict phrase records: one per uint16 codeword (moeq.runtime.ternary_dict)
 
 _state: dict = {}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_FLOAT = ctypes.c_float
 _SIGNATURES = {
     "moeq_lut_avx512": ([], _INT),
     "moeq_lut_matvec": ([_P, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _INT, _P, _INT], None),
@@ -824,6 +985,8 @@ _SIGNATURES = {
     "moeq_int8_matvec": ([_P, _P, _INT, _I64, _P, _INT, _INT], None),
     "moeq_td_matvec": ([_P, _P, _INT, _I64, _P, _INT, _INT], None),
     "moeq_td_decode": ([_P, _I64, _I64, _INT, _P, _INT], None),
+    "moeq_u8_matvec": ([_P, _INT, _I64, _I64, _P, _I64, _P, _I64, _FLOAT, _P, _INT, _INT], None),
+    "moeq_u8_dequant": ([_P, _I64, _I64, _I64, _P, _I64, _FLOAT, _INT, _P, _INT], None),
 }
 
 
@@ -1082,4 +1245,81 @@ def ternary_linear_tiled(code: tuple, x2: torch.Tensor) -> torch.Tensor:
     for r0 in range(0, n, tile):
         r1 = min(r0 + tile, n)
         torch.mm(ternary_decode_rows(code, r0, r1, buf[: r1 - r0]), xt, out=yt[r0:r1])
+    return yt.t().contiguous()
+
+
+# ---------------------------------------------------------------- uint8 codes + offset (matryoshka at 5..8 bits)
+def _check_u8(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> int:
+    """ValueError unless codes (uint8 [N, K]) and scales (float32 [N, ceil(K / G)]) are contiguous CPU tensors of
+    one weight; returns G (group_size 0: K)."""
+    n, k = codes.shape if codes.ndim == 2 else (-1, -1)
+    g = group_size or k
+    if (codes.dtype != torch.uint8 or codes.ndim != 2 or not codes.is_contiguous() or codes.device.type != "cpu"
+            or g <= 0):
+        raise ValueError(f"codes must be a contiguous CPU uint8 [N, K], got {codes.dtype} {list(codes.shape)}")
+    want = (n, -(-k // g))
+    if (scales.dtype != torch.float32 or tuple(scales.shape) != want or not scales.is_contiguous()
+            or scales.device.type != "cpu"):
+        raise ValueError(f"scales must be a contiguous CPU float32 {list(want)}, got {scales.dtype} "
+                         f"{list(scales.shape)}")
+    return g
+
+
+def u8_matvec(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int, offset: float,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x2 [M, K] (float32 / bfloat16 / float16, contiguous, CPU) @ W.T with W[o, k] = scales[o, k // G] * (codes[o, k]
+    + offset), W never formed (formula: ``u8_weights`` in SOURCE; exact weights when the scales are float16 values
+    times powers of two). Returns y [M, N] in ``out_dtype`` (x's by default)."""
+    g = _check_u8(codes, scales, group_size)
+    n, k = codes.shape
+    if x2.ndim != 2 or x2.shape[1] != k or not x2.is_contiguous() or x2.device.type != "cpu" or x2.dtype not in DTYPES:
+        raise ValueError(f"x must be a contiguous CPU float [M, {k}], got {x2.dtype} {list(x2.shape)}")
+    out_dtype = out_dtype or x2.dtype
+    y = torch.empty(x2.shape[0], n, dtype=out_dtype)
+    if x2.shape[0] and n:
+        library().moeq_u8_matvec(x2.data_ptr(), DTYPES[x2.dtype], x2.shape[0], k, codes.data_ptr(), n,
+                                 scales.data_ptr(), g, offset, y.data_ptr(), DTYPES[out_dtype],
+                                 u8_threads(n * k))
+    return y
+
+
+def u8_threads(weights: int) -> int:
+    """Threads for a uint8-code kernel over ``weights`` weights: one below ``U8_PARALLEL_MIN``, else torch's."""
+    return 1 if weights < U8_PARALLEL_MIN else torch.get_num_threads()
+
+
+def u8_dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, group_size: int, offset: float, r0: int, r1: int,
+                       out: torch.Tensor) -> torch.Tensor:
+    """Rows [r0, r1) of W (as :func:`u8_matvec`) into ``out`` ([r1 - r0, K], contiguous, float32 / bfloat16 /
+    float16): the float32 weight rounded once."""
+    g = _check_u8(codes, scales, group_size)
+    n, k = codes.shape
+    if not (0 <= r0 <= r1 <= n and tuple(out.shape) == (r1 - r0, k) and out.is_contiguous()
+            and out.dtype in DTYPES and out.device.type == "cpu"):
+        raise ValueError(f"out must be a contiguous CPU [{r1 - r0}, {k}] for rows {r0}..{r1} of {n}")
+    if r1 > r0 and k:
+        library().moeq_u8_dequant(codes.data_ptr(), r0, r1, k, scales.data_ptr(), g, offset, DTYPES[out.dtype],
+                                  out.data_ptr(), u8_threads((r1 - r0) * k))
+    return out
+
+
+def u8_dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int, offset: float,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense [N, K] weight in ``dtype``."""
+    n, k = codes.shape
+    return u8_dequantize_rows(codes, scales, group_size, offset, 0, n, torch.empty(n, k, dtype=dtype))
+
+
+def u8_linear_tiled(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int,
+                    offset: float) -> torch.Tensor:
+    """x2 [M, K] @ W.T for larger M: W decoded into one reused buffer of ~U8_TILE_BYTES in x's dtype (as
+    :func:`linear_tiled`), one GEMM per tile."""
+    n, k = codes.shape
+    tile = max(16, U8_TILE_BYTES // (max(k, 1) * x2.element_size()) // 16 * 16)
+    buf = torch.empty(min(tile, n), k, dtype=x2.dtype)
+    yt = torch.empty(n, x2.shape[0], dtype=x2.dtype)
+    xt = x2.t()
+    for r0 in range(0, n, tile):
+        r1 = min(r0 + tile, n)
+        torch.mm(u8_dequantize_rows(codes, scales, group_size, offset, r0, r1, buf[: r1 - r0]), xt, out=yt[r0:r1])
     return yt.t().contiguous()

@@ -2,16 +2,25 @@
 W[o, i] = lut_r[code[o, i]] * scale[o, group(i)] (+ offset[o, group(i)] when asymmetric), in float32
 (``moeq.quant.matryoshka``).
 
-Two routes, fixed at construction from the width, the grid and the shape (never a float copy of W kept):
+Three routes, fixed at construction from the width, the grid and the shape (never a float copy of W kept):
 
 * kernel route (symmetric; r = 2, 3, 4; ``moeq.runtime.nupes.kernel_group`` accepts the group): a symmetric width
   is one global LUT of 2^r levels times the per-group scale, exactly ``moeq.kernels.lut_linear``'s operation: the
   codes are held in the kernel layout, the scales as float32, the width's LUT as float32.
-* fallback (r = 5..8, asymmetric grids, other shapes): the r-bit codes bitpacked (``moeq.formats.bitpack``) and the
-  float16 scales/offsets as stored; per forward they are decoded in float32 a row tile at a time into one buffer in
-  x's dtype, then one ``F.linear``.
+* uint8 route (symmetric; r = 5..8; any shape; where the C++ library of ``moeq.kernels.cpu`` loads): the r-bit
+  codes held one byte per weight (``codes`` uint8 [out, in]: the artifact stores r/8 bytes a weight, the module
+  holds 1 byte, the bitpacked fallback r/8), ``scales`` float32 [out, n_groups] = scale * 2^(8-r) (4 bytes a
+  group), so W = scales * (code + 0.5 - 2^(r-1)) (``u8_offset``): the same float32 weight as lut_r[code] * scale,
+  bit for bit (the factor is a power of two). On CPU (``MOEQ_KERNEL`` auto or cpp, as
+  ``moeq.kernels.lut.route_for``) up to ``cpu.U8_MATVEC_MAX_M`` rows of x run the fused matvec ``cpu.u8_matvec``
+  (W never formed), more rows decode W tile by tile in x's dtype, one GEMM per tile (``cpu.u8_linear_tiled``);
+  elsewhere (CUDA, ``MOEQ_KERNEL=torch``) the codes are decoded in torch a row tile at a time, then one
+  ``F.linear``.
+* fallback (asymmetric grids, r = 5..8 where the C++ library does not load): the r-bit codes bitpacked
+  (``moeq.formats.bitpack``) and the float16 scales/offsets as stored; per forward they are decoded in float32 a
+  row tile at a time into one buffer in x's dtype, then one ``F.linear``.
 
-Both round the float32 weight once to the compute dtype: a forward equals ``F.linear(x, dequantized(x.dtype))``
+All three round the float32 weight once to the compute dtype: a forward equals ``F.linear(x, dequantized(x.dtype))``
 up to GEMM summation order. Buffers that are the code keep their dtypes through ``.to(dtype)``; ``bias`` follows.
 """
 
@@ -21,15 +30,27 @@ import torch
 import torch.nn.functional as F
 
 from moeq.formats import bitpack
+from moeq.kernels import cpu
 from moeq.kernels import lut as lut_kernels
 from moeq.quant.base import QTensor
-from moeq.quant.matryoshka import nested_dequantize, width_lut
+from moeq.quant.matryoshka import PARENT_BITS, nested_dequantize, width_lut
 from moeq.registry import RUNTIMES
 from moeq.runtime.nupes import kernel_group
 from moeq.runtime.packed import PackedLinear
 
 TILE_BYTES = 4 << 20           # fallback: float32 weight rows decoded per step
-EXACT = ("packed", "qweight", "scales", "scale", "offset", "lut")      # buffers whose dtype is part of the format
+EXACT = ("packed", "qweight", "codes", "scales", "scale", "offset", "lut")   # buffers whose dtype is the format
+U8_BITS = range(5, 9)          # the widths the uint8 route runs (symmetric)
+
+
+def u8_offset(bits: int) -> float:
+    """The additive offset of the uint8 route at ``bits``: W = scales * (code + offset)."""
+    return 0.5 - (1 << (bits - 1))
+
+
+def _cpp(device: torch.device) -> bool:
+    """Whether the C++ kernels run for tensors on ``device`` (CPU, ``MOEQ_KERNEL`` auto or cpp)."""
+    return device.type == "cpu" and lut_kernels.route_for(device) == "cpp"
 
 
 @RUNTIMES.register("bitplanes")
@@ -44,10 +65,14 @@ class MatryoshkaLinear(PackedLinear):
         t = q.tensors
         codes = t["codes"].contiguous()
         self.kernel_group = kernel_group(self.bits, self.group_size, self.in_features) if self.sym else None
+        self.u8 = self.sym and self.bits in U8_BITS and cpu.library() is not None
         if self.kernel_group is not None:
             self.register_buffer("packed", lut_kernels.pack_for_kernel(codes, self.bits))
             self.register_buffer("scales", t["scale"].float().contiguous())
             self.register_buffer("lut", width_lut(self.bits, True))
+        elif self.u8:
+            self.register_buffer("codes", codes.to(torch.uint8))
+            self.register_buffer("scales", (t["scale"].float() * (1 << (PARENT_BITS - self.bits))).contiguous())
         else:
             self.register_buffer("qweight", bitpack.pack(codes, self.bits))
             self.register_buffer("scale", t["scale"].contiguous())
@@ -55,7 +80,7 @@ class MatryoshkaLinear(PackedLinear):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def extra_repr(self) -> str:
-        route = "lut_linear" if self.kernel_group is not None else "dequantize+linear"
+        route = "lut_linear" if self.kernel_group is not None else "u8_matvec" if self.u8 else "dequantize+linear"
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
                 f"sym={self.sym}, route={route}, bias={self.bias is not None}")
 
@@ -74,6 +99,8 @@ class MatryoshkaLinear(PackedLinear):
         if self.kernel_group is not None:
             return lut_kernels.dequantize_packed(self.packed, self.lut, self.scales, self.kernel_group, self.bits,
                                                  self.in_features, dtype)
+        if self.u8:
+            return self._u8_dequantized(dtype)
         out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.qweight.device)
         step = max(1, TILE_BYTES // (4 * self.in_features))
         for r0 in range(0, self.out_features, step):
@@ -83,10 +110,36 @@ class MatryoshkaLinear(PackedLinear):
             out[r0:r1] = nested_dequantize(codes, self.bits, self.scale[r0:r1], off, self.group_size)
         return out
 
+    def _u8_dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        codes, scales, off = self.codes, self.scales, u8_offset(self.bits)
+        if _cpp(codes.device) and dtype in cpu.DTYPES:
+            return cpu.u8_dequantize(codes, scales, self.group_size, off, dtype)
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=codes.device)
+        g = self.group_size or self.in_features
+        step = max(1, TILE_BYTES // (4 * self.in_features))
+        for r0 in range(0, self.out_features, step):
+            r1 = min(r0 + step, self.out_features)
+            s = scales[r0:r1].repeat_interleave(g, dim=1)[:, :self.in_features]
+            out[r0:r1] = (codes[r0:r1].float() + off) * s
+        return out
+
+    def _u8_linear(self, x: torch.Tensor) -> torch.Tensor:
+        if not (_cpp(x.device) and self.codes.device.type == "cpu" and x.dtype in cpu.DTYPES):
+            return F.linear(x, self._u8_dequantized(x.dtype))
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        off = u8_offset(self.bits)
+        if x2.shape[0] <= cpu.U8_MATVEC_MAX_M[cpu.flavor()]:
+            y2 = cpu.u8_matvec(x2, self.codes, self.scales, self.group_size, off)
+        else:
+            y2 = cpu.u8_linear_tiled(x2, self.codes, self.scales, self.group_size, off)
+        return y2.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_group is not None:
             y = lut_kernels.lut_linear(x, self.packed, self.lut, self.scales, self.kernel_group, self.bits,
                                        self.out_features, self.in_features)
+        elif self.u8:
+            y = self._u8_linear(x)
         else:
             y = F.linear(x, self.dequantized(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
