@@ -116,6 +116,51 @@ class NestedGrid:
         return deq / total if total != 1 else deq, q
 
 
+@dataclass(frozen=True)
+class WidthStates:
+    """The multi-width objective with one GPTQ state per width, as a ``moeq.quant.gptq.ColumnGrid``: the weights
+    GPTQ is given are R = len(``weights``) stacked copies of the stack (width-major: copy r first along the
+    leading dim), so each copy accumulates the error feedback of ITS width only. Per element, ``quantize`` picks
+    one parent q minimizing sum_r λ_r (w_r - deq_r(q))^2 over the candidates: each copy's floor parent (the
+    optimum of its own width) and, for each width, the widest copy's floor parent clamped into that width's
+    bucket (the coarse choice kept, the fine bits as the widest width wants them); copy r gets deq_r(q) back,
+    so its residual is its own. Unlike the averaged residual (``NestedGrid`` with several λ, MatGPTQ), the 8-bit
+    model never carries compensation made for 2-bit errors."""
+
+    sym: bool = True
+    weights: tuple[tuple[int, float], ...] = ((PARENT_BITS, 1.0),)
+    code_dtype: ClassVar[torch.dtype] = torch.uint8
+
+    def params(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return NestedGrid(self.sym).params(w)     # the copies are equal when groups are fitted (static groups)
+
+    def quantize(self, w, params):
+        n = len(self.weights)
+        ws = w.reshape(n, -1)
+        scale = params["scale"].expand_as(w).reshape(n, -1)[0]
+        offset = params.get("offset")
+        offset = None if offset is None else offset.expand_as(w).reshape(n, -1)[0]
+        widest = max(range(n), key=lambda i: self.weights[i][0])
+        own = [floor_parent(ws[i], scale, offset) for i in range(n)]
+        fine = own[widest].int()
+        cands = list(own)
+        for i, (r, _) in enumerate(self.weights):
+            shift = PARENT_BITS - r
+            base = (own[i].int() >> shift) << shift
+            cands.append(torch.minimum(torch.maximum(fine, base), base + (1 << shift) - 1).to(torch.uint8))
+        best, best_err = None, None
+        for q in cands:
+            err = sum(lam * (ws[i] - decode(child(q, r), r, scale, offset)).square()
+                      for i, (r, lam) in enumerate(self.weights) if lam)
+            if best is None:
+                best, best_err = q, err
+            else:
+                take = err < best_err
+                best, best_err = torch.where(take, q, best), torch.where(take, err, best_err)
+        deq = torch.stack([decode(child(best, r), r, scale, offset) for r, _ in self.weights])
+        return deq.reshape(w.shape).to(w.dtype), best.expand(n, -1).reshape(w.shape)
+
+
 def nested_dequantize(codes: torch.Tensor, bits: int, scale: torch.Tensor, offset: torch.Tensor | None,
                       group_size: int) -> torch.Tensor:
     """float32 [out, in] of r-bit codes, group-wise; bit-identical to ``decode`` with column-expanded params."""
@@ -146,6 +191,9 @@ def width_errors(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offs
 class MatryoshkaConfig(GPTQOptions):
     widths: tuple[int, ...] = Field(WIDTHS, description="the widths the parent is fitted for and may be read at "
                                                         "(descending, 8 first)")
+    feedback: Literal["per_width", "averaged"] = Field(
+        "per_width", description="data-driven GPTQ: one error state per width, each fed its own residual "
+                                 "(per_width), or one state fed the λ-averaged residual (averaged, MatGPTQ)")
     weights: tuple[float, ...] | None = Field(
         None, description="data-driven: λ per width (as ``widths``) of the averaged residual; null = the default "
                           "per width (8: 2, others 1)")
@@ -214,8 +262,16 @@ class MatryoshkaQuantizer(Quantizer):
 
     def _data_driven(self, w: torch.Tensor, h: torch.Tensor, cfg) -> list[QTensor]:
         w = w.detach().float()
-        r = gptq(w, h.float(), NestedGrid(cfg.sym, cfg.lambdas()), group_size=cfg.group_size,
-                 block_size=cfg.block_size, percdamp=cfg.percdamp, act_order=cfg.act_order, static_groups=True)
+        opts = {"group_size": cfg.group_size, "block_size": cfg.block_size, "percdamp": cfg.percdamp,
+                "act_order": cfg.act_order, "static_groups": True}
+        if cfg.feedback == "averaged":
+            r = gptq(w, h.float(), NestedGrid(cfg.sym, cfg.lambdas()), **opts)
+        else:   # one GPTQ state per width: the stack repeated width-major (its Hessians too, unless pooled)
+            n, e = len(cfg.widths), w.shape[0]
+            hh = h.float() if h.ndim == 2 else h.float().repeat(n, 1, 1)
+            r = gptq(w.repeat(n, 1, 1), hh, WidthStates(cfg.sym, cfg.lambdas()), **opts)
+            r = type(r)(r.codes[:e], {k: v[:e] for k, v in r.params.items()}, r.deq[:e], r.row_loss[:e],
+                        r.percdamp[:e], r.fallback[:e])
         return self._qtensors(w, r, cfg, h, {"mode": "data_driven"})
 
     def quantize(self, w, cfg, stats, shared=None):
