@@ -192,8 +192,9 @@ class MatryoshkaConfig(GPTQOptions):
     widths: tuple[int, ...] = Field(WIDTHS, description="the widths the parent is fitted for and may be read at "
                                                         "(descending, 8 first)")
     feedback: Literal["per_width", "averaged"] = Field(
-        "per_width", description="data-driven GPTQ: one error state per width, each fed its own residual "
-                                 "(per_width), or one state fed the λ-averaged residual (averaged, MatGPTQ)")
+        "averaged", description="data-driven GPTQ: one state fed the λ-averaged residual (averaged, MatGPTQ), or "
+                                "one error state per width, each fed its own residual (per_width: lower output "
+                                "error at every width on a synthetic layer; not yet measured on a model)")
     weights: tuple[float, ...] | None = Field(
         None, description="data-driven: λ per width (as ``widths``) of the averaged residual; null = the default "
                           "per width (8: 2, others 1)")
