@@ -58,6 +58,8 @@ class MatryoshkaLinear(PackedLinear):
     """``x @ W.T + bias`` for x of any leading shape (float32 / bfloat16 / float16) at the loaded width; one
     instance per weight (per expert in an MoE layer)."""
 
+    exact = EXACT
+
     def __init__(self, q: QTensor, bias: torch.Tensor | None, shared: dict | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
@@ -84,15 +86,6 @@ class MatryoshkaLinear(PackedLinear):
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
                 f"sym={self.sym}, route={route}, bias={self.bias is not None}")
 
-    def _apply(self, fn, *args, **kwargs):
-        """Device moves apply to every buffer; dtype casts only to ``bias``."""
-        before = {k: self._buffers[k] for k in EXACT if self._buffers.get(k) is not None}
-        super()._apply(fn, *args, **kwargs)
-        for k, old in before.items():
-            new = self._buffers[k]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[k] = old.to(new.device)
-        return self
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The effective [out, in] weight in ``dtype`` (computed in float32, rounded once)."""

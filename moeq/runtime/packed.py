@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 
 class PackedLinear(torch.nn.Module):
-    """A Linear whose weight lives only in packed form (codes, scales, a dictionary)."""
+    """A Linear whose weight lives only in packed form (codes, scales, a dictionary). ``exact`` names the buffers
+    that ARE the code: device moves apply to them, dtype casts (``.to(bf16)``, ``.half()``) do not (a bf16 LUT
+    would be another, coarser grid); every other buffer (``bias``) follows the cast."""
+
+    exact: ClassVar[tuple[str, ...]] = ()
+
+    def _apply(self, fn, *args, **kwargs):
+        before = {k: self._buffers[k] for k in self.exact if self._buffers.get(k) is not None}
+        super()._apply(fn, *args, **kwargs)
+        for k, old in before.items():
+            new = self._buffers[k]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[k] = old.to(new.device)
+        return self
 
     @property
     def weight(self) -> torch.Tensor:

@@ -133,6 +133,8 @@ class TernaryDictLinear(PackedLinear):
     """``x @ W.T + bias`` for x of any leading shape (float32 / bfloat16 / float16), from the coded rows; one instance
     per weight (per expert in an MoE layer). Inference only: no route records autograd history."""
 
+    exact = EXACT
+
     def __init__(self, q: QTensor, bias: torch.Tensor | None, shared: dict[str, SharedTable] | None = None,
                  cache_decoded: bool = False):
         super().__init__()
@@ -159,15 +161,10 @@ class TernaryDictLinear(PackedLinear):
                 f"codeword_bits_per_weight={bits:.3f}, cache_decoded={self.cache_decoded}, bias={self.bias is not None}")
 
     def _apply(self, fn, *args, **kwargs):
-        """Device moves apply to every buffer; dtype casts only to ``bias`` (see the module docstring)."""
+        """Device moves apply to every buffer; dtype casts only to ``bias`` (``PackedLinear``); the kernel
+        operands are rebuilt after a move."""
         self._cache.clear()
-        before = {k: self._buffers[k] for k in EXACT if self._buffers.get(k) is not None}
-        super()._apply(fn, *args, **kwargs)
-        for k, old in before.items():
-            new = self._buffers[k]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[k] = old.to(new.device)
-        return self
+        return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache.clear()
