@@ -71,3 +71,58 @@ def test_method_shorthand_takes_the_methods_default_kinds():
     from tests.tiny_models import build as build_tiny
     with pytest.raises(MoeqError, match="selects expert; the model has"):
         Plan(Recipe(method="qmoe"), [t for t in find_targets(build_tiny("mixtral")) if t.role != "expert"])
+
+
+@pytest.mark.parametrize("text, where, needle", [
+    ("method: int8\noptions:\n  treshold: 6\n", ":3: options.treshold", "did you mean 'threshold'?"),
+    ("model: tiny-moe\nrules:\n  - targets: [expert]\n    method: gptq\n    options: {bits: 3, grup_size: 64}\n",
+     ":5: rules[0].options.grup_size", "did you mean 'group_size'?"),
+    ("rules:\n  - targets: [expert]\n    method: gtpq\n", ":3: rules[0].method", "did you mean 'gptq'?"),
+    ("method: int8\ncalibration:\n  seed: 1\n  sampels: 4\n", ":4: calibration.sampels", "did you mean 'samples'?"),
+    ("method: int8\neval: {windows: 4, protocl: gptq}\n", ":2: eval.protocl", "did you mean 'protocol'?"),
+    ("method: int8\neval:\n  protocol: gtpq\n", ":3: eval.protocol", "did you mean 'gptq'?"),
+    ("method: int8\nexpect:\n  max_ppl_ration: 1.1\n", ":3: expect.max_ppl_ration", "did you mean 'max_ppl_ratio'?"),
+    ("method: int8\nexpect:\n  max_kl: lots\n", ":3: expect.max_kl", "valid number"),
+    ("method: int8\nevall: {}\n", ":2: evall", "did you mean 'eval'?"),
+    ("version: 2\nmethod: int8\n", ":1: version", "not supported"),
+    ("method: int8\nmethod: gptq\n", ":2: method", "repeated key (first on line 1)"),
+])
+def test_errors_name_file_line_field_and_the_closest_name(tmp_path, text, where, needle):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(MoeqError) as e:
+        load_recipe(p).methods()
+    msg = str(e.value)
+    assert msg.startswith(f"{p}{where}:"), msg
+    assert needle in msg, msg
+    if "unknown field" in msg:
+        assert "(allowed: " in msg
+
+
+def test_unknown_option_lists_the_methods_allowed_options(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("method: nupes\noptions: {bitz: 3}\n")
+    with pytest.raises(MoeqError) as e:
+        load_recipe(p).methods()
+    from moeq.registry import QUANTIZERS
+    assert f"(allowed: {', '.join(QUANTIZERS.get('nupes').Config.model_fields)})" in str(e.value)
+
+
+def test_eval_and_expect_schema():
+    r = Recipe(method="int8", eval={"protocol": "llama.cpp", "seqlen": 512}, expect={"min_decode_speedup": 0.5})
+    assert r.eval.protocol == "llamacpp" and r.eval_spec().speed  # a speed limit turns speed measurement on
+    assert not Recipe(method="int8", expect={"max_kl": 0.1}).eval_spec().speed
+    with pytest.raises(ValueError, match="sliding protocol only"):
+        Recipe(method="int8", eval={"stride": 128})
+    back = Recipe(**yaml.safe_load(r.dump()))
+    assert back.expect == r.expect and back.eval == r.eval and back.version == 1
+
+
+def test_shipped_recipes_cover_every_pipeline_for_both_models_with_expect():
+    by = {p.stem: load_recipe(p) for p in RECIPES}
+    for model, prefix in (("tiny-moe", "tiny-moe-"), ("smollm2-135m", "smollm2-")):
+        mine = {k: r for k, r in by.items() if k.startswith(prefix)}
+        assert all(r.model == model and r.eval is not None and r.expect is not None for r in mine.values()), model
+        methods = {m for r in mine.values() for m in r.method_label().split("+")}
+        assert {"int8", "gptq", "nupes", "qmoe", "matryoshka"} <= methods, (model, methods)
+        assert any("+" in r.method_label() for r in mine.values()), f"{model}: no mixed recipe"

@@ -1,4 +1,5 @@
-"""moeq command line: ``moeq quantize``, ``moeq eval``, ``moeq extract``, ``moeq inspect``, ``moeq methods``."""
+"""moeq command line: ``moeq quantize``, ``moeq eval``, ``moeq run``, ``moeq recipes``, ``moeq extract``,
+``moeq inspect``, ``moeq methods``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from moeq.cli import extract as extract_cmd
 from moeq.cli import inspect as inspect_cmd
 from moeq.cli import methods as methods_cmd
 from moeq.cli import quantize as quantize_cmd
+from moeq.cli import run as run_cmd
 from moeq.cli.common import OneLineGroup
 
 app = typer.Typer(
@@ -24,6 +26,8 @@ app = typer.Typer(
 )
 app.command("quantize")(quantize_cmd.quantize)
 app.command("eval")(eval_cmd.evaluate)
+app.command("run")(run_cmd.run)
+app.command("recipes")(run_cmd.recipes)
 app.command("extract")(extract_cmd.extract)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("methods")(methods_cmd.methods)

@@ -13,7 +13,14 @@ from moeq.errors import MoeqError
 
 def _kept(kwargs) -> str:
     """What an interrupted ``moeq quantize`` leaves (the resume state) and how to go on."""
-    out = Path(kwargs.get("output") or "out/moeq")
+    out = kwargs.get("output")
+    if out is None and kwargs.get("recipe"):
+        from moeq.recipes import load_recipe
+        try:
+            out = load_recipe(kwargs["recipe"]).output
+        except Exception:  # noqa: BLE001 - only to name the output in this message
+            out = None
+    out = Path(out or "out/moeq")
     tmp = out.with_name(f".{out.name}.moeq-tmp")
     groups = len(list((tmp / "records").glob("*.json"))) if tmp.is_dir() else 0
     if not groups:
@@ -27,7 +34,8 @@ def _kept(kwargs) -> str:
 def quantize(
     model: Annotated[Optional[str], typer.Argument(help="zoo name, local HF directory, .gguf file or hub id "
                                                         "[default: tiny-moe, the embedded model]")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="artifact directory to create")] = Path("out/moeq"),
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="artifact directory to create "
+                                                   "[default: the recipe's output, else out/moeq]")] = None,
     method: Annotated[Optional[str], typer.Option(help="quantization method (see `moeq methods`)")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe; command-line options override it")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="int8: activation outlier threshold, 0 disables the decomposition")] = None,
@@ -63,7 +71,8 @@ def quantize(
     if calib_data not in (None, "wiki") and not calib_data.startswith("hf:"):
         check_input_file(calib_data, "--calib-data")
     if not dump_recipe:
-        check_output_dir(output)
+        if output is not None:
+            check_output_dir(output)
         check_output_file(json_out)
 
     from moeq import api
@@ -80,6 +89,9 @@ def quantize(
     if dump_recipe:
         sys.stdout.write(r.dump())
         return
+    if output is None:
+        output = Path(r.output or "out/moeq")
+        check_output_dir(output)
     if workers > 1 and "WORLD_SIZE" not in os.environ:
         argv = [a for a in sys.argv[1:] if not a.startswith("--workers")]
         if "--workers" in sys.argv:
@@ -140,9 +152,10 @@ def build_recipe(r, model, method, option, lm_head, flags: dict, calibration: di
         if val is not None:
             setattr(r.calibration, field, val)
     try:
-        return Recipe(**r.model_dump())  # re-validate the merged recipe
+        return Recipe(**r.model_dump()).with_source(r.source)  # re-validate the merged recipe
     except ValidationError as e:
-        raise MoeqError(f"recipe: {e.errors()[0]['loc'][-1]}: {e.errors()[0]['msg']}") from None
+        from moeq.recipes import _explain
+        raise MoeqError("recipe: " + _explain(e, Recipe, (), None)) from None
 
 
 FALLBACK_ROWS = 12   # the summary lists this many fallbacks; `moeq inspect --experts` lists them all

@@ -1,21 +1,50 @@
-"""Perplexity under named protocols. Always report the protocol with the number.
+"""Perplexity under named protocols (``PROTOCOLS``). Always report the protocol with the number.
 
-- ``gptq``: join documents with blank lines, tokenize once (no special tokens), non-overlapping windows of
-  ``seqlen``, remainder dropped, each window an independent sequence; ppl = exp(mean NLL of predicted tokens).
-- ``llamacpp``: windows of ``n_ctx`` (= seqlen, 512 by default), only the second half of each window is scored.
+Every protocol tokenizes the eval text once (documents joined with blank lines, no special tokens), cuts it into
+windows of ``seqlen`` tokens (a remainder too short for a window is dropped), runs each window as an independent
+sequence (no carried-over context, ``use_cache=False``) and reports ppl = exp(sum NLL / count) over the tokens it
+scores; a token at position t of a window is predicted by the logits at t - 1. They differ in the windows and
+the scored tokens:
+
+- ``gptq``: non-overlapping windows; every predicted token (positions 1..seqlen-1) is scored.
+- ``llamacpp`` (``llama.cpp``): llama.cpp's ``perplexity`` tool. Non-overlapping windows of n_ctx (= seqlen),
+  only the second half scored: positions n_ctx/2 + 1 .. n_ctx - 1 (n_ctx - 1 - n_ctx/2 tokens per window). When
+  the tokenizer adds a BOS token, the text starts with one and each window's first token is replaced by it.
+- ``sliding``: windows of seqlen advancing by ``stride`` (default seqlen/2); the first window scores all its
+  predicted tokens, each later one only its last ``stride`` (new) tokens, so every token is scored once with at
+  least seqlen - stride tokens of context (transformers' "perplexity of fixed-length models").
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from moeq.errors import MoeqError
 
-PROTOCOLS = ("gptq", "llamacpp")
+
+@dataclass(frozen=True)
+class Protocol:
+    """How windows are cut (``stride``: tokens between window starts) and which positions are scored."""
+    label: str
+    first_scored: Callable[[int, int, int], int]  # (seqlen, window index, stride) -> first scored position
+    sliding: bool = False                         # windows overlap (stride < seqlen)
+    bos: bool = False                             # a BOS token starts the text and every window
+
+    def stride(self, seqlen: int, stride: int | None) -> int:
+        return (stride or max(1, seqlen // 2)) if self.sliding else seqlen
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "gptq": Protocol("gptq protocol", lambda s, i, st: 1),
+    "llamacpp": Protocol("llama.cpp protocol", lambda s, i, st: s // 2 + 1, bos=True),
+    "sliding": Protocol("sliding-window protocol", lambda s, i, st: 1 if i == 0 else s - st, sliding=True),
+}
+ALIASES = {"llama.cpp": "llamacpp", "llama-cpp": "llamacpp"}
 
 
 @dataclass
@@ -27,25 +56,46 @@ class PplResult:
     seqlen: int
     kl_mean: float | None = None
     extra: dict = field(default_factory=dict)
+    stride: int | None = None
 
     def describe(self) -> str:
-        return f"{self.protocol} protocol, seqlen {self.seqlen}, {self.windows} windows, {self.tokens} predicted tokens"
+        p = PROTOCOLS[self.protocol]
+        how = (f"seqlen {self.seqlen}, stride {self.stride}" if p.sliding
+               else f"n_ctx {self.seqlen}, second half scored" if self.protocol == "llamacpp"
+               else f"seqlen {self.seqlen}")
+        return f"{p.label}, {how}, {self.windows} windows, {self.tokens} predicted tokens"
 
 
-def tokenize_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Token ids of ``text`` cut into non-overlapping [n, seqlen] windows, remainder dropped."""
+def adds_bos(tokenizer) -> int | None:
+    """The BOS id if the tokenizer puts one in front of a text (what llama.cpp then does too), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def tokenize_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None, protocol: str = "gptq",
+                     stride: int | None = None) -> torch.Tensor:
+    """Token ids of ``text`` cut into the protocol's [n, seqlen] windows (remainder dropped)."""
+    p = PROTOCOLS[ALIASES.get(protocol, protocol)]
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    n = ids.numel() // seqlen
+    bos = adds_bos(tokenizer) if p.bos else None
+    if bos is not None:
+        ids = torch.cat([torch.tensor([bos], dtype=ids.dtype), ids])
+    step = p.stride(seqlen, stride)
+    n = 0 if ids.numel() < seqlen else 1 + (ids.numel() - seqlen) // step
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
         raise MoeqError(f"the eval text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return ids[: n * seqlen].view(n, seqlen)
-
-
-def _scored_from(protocol: str, seqlen: int) -> int:
-    """First target position (in logits[:, :-1] coordinates) that the protocol scores."""
-    return 0 if protocol == "gptq" else seqlen // 2 - 1
+    if step == seqlen:
+        windows = ids[: n * seqlen].view(n, seqlen).clone()
+    else:
+        windows = torch.stack([ids[i * step:i * step + seqlen] for i in range(n)])
+    if bos is not None:
+        windows[:, 0] = bos
+    return windows
 
 
 LOGITS_BUDGET = 128 << 20   # bytes of float32 logits one forward may produce (windows per forward follow from it)
@@ -54,9 +104,10 @@ SCORE_ROWS_BYTES = 32 << 20  # bytes of one float32 chunk of positions x vocabul
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, protocol: str = "gptq", batch_size: int = 8,
-               baseline=None, progress=None) -> PplResult:
-    """Perplexity of ``model`` on pre-cut ``windows``; with ``baseline`` also the mean KL(baseline || model)
-    of next-token distributions over the same scored positions.
+               baseline=None, progress=None, stride: int | None = None) -> PplResult:
+    """Perplexity of ``model`` on pre-cut ``windows`` (``tokenize_windows`` with the same protocol and stride);
+    with ``baseline`` also the mean KL(baseline || model) of next-token distributions over the same scored
+    positions and the baseline's perplexity (``extra['baseline_ppl']``).
 
     Memory: ``batch_size`` windows is an upper bound; a forward takes as many windows as keep its logits under
     ``LOGITS_BUDGET`` (one 512-token window of a 49k vocabulary is 100 MB in float32), and NLL/KL are scored in
@@ -64,30 +115,48 @@ def perplexity(model, windows: torch.Tensor, protocol: str = "gptq", batch_size:
 
     ``progress``: optional callable(advance:int) called after each forward (the CLI passes a rich task).
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    return compare([model], windows, protocol, batch_size, baseline, progress, stride)[0]
+
+
+@torch.no_grad()
+def compare(models: list, windows: torch.Tensor, protocol: str = "gptq", batch_size: int = 8, baseline=None,
+            progress=None, stride: int | None = None) -> list[PplResult]:
+    """``perplexity`` of several models on the same windows in one pass: each batch runs through the baseline
+    once and through every model, so the baseline is measured once for all of them."""
+    if ALIASES.get(protocol, protocol) not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {tuple(PROTOCOLS)}")
+    protocol = ALIASES.get(protocol, protocol)
+    p = PROTOCOLS[protocol]
     seqlen = windows.shape[1]
-    start = _scored_from(protocol, seqlen)
-    nll, count, kl_sum, base_nll = 0.0, 0, 0.0, 0.0
+    step_tokens = p.stride(seqlen, stride)
+    firsts = [p.first_scored(seqlen, i, step_tokens) for i in range(windows.shape[0])]
+    nll, kl = [0.0] * len(models), [0.0] * len(models)
+    count, base_nll = 0, 0.0
     step, i = 1, 0  # the first forward takes one window and tells the vocabulary size
     while i < windows.shape[0]:
         batch = windows[i:i + step]
-        logits = _logits(model, batch)[:, start:-1]
-        ref = None if baseline is None else _logits(baseline, batch)[:, start:-1]
-        targets = batch[:, start + 1:]
-        vocab = logits.shape[-1]
-        s = _score(logits, targets, ref)
-        nll, count = nll + s[0], count + targets.numel()
-        kl_sum, base_nll = kl_sum + s[1], base_nll + s[2]
-        del logits, ref
+        ref = None if baseline is None else _logits(baseline, batch)
+        vocab = 1
+        for k, model in enumerate(models):
+            logits = _logits(model, batch)
+            vocab = logits.shape[-1]
+            for j in range(batch.shape[0]):
+                f = firsts[i + j]
+                s = _score(logits[j, f - 1:-1], batch[j, f:], None if ref is None else ref[j, f - 1:-1])
+                nll[k], kl[k] = nll[k] + s[0], kl[k] + s[1]
+                if k == 0:
+                    base_nll, count = base_nll + s[2], count + seqlen - f
+            del logits
+        del ref
         i += batch.shape[0]
         if progress is not None:
             progress(batch.shape[0])
         step = max(1, min(batch_size, LOGITS_BUDGET // (seqlen * vocab * 4)))
-    return PplResult(ppl=math.exp(nll / count), tokens=count, windows=windows.shape[0],
-                     protocol=protocol, seqlen=seqlen,
-                     kl_mean=None if baseline is None else kl_sum / count,
-                     extra={} if baseline is None else {"baseline_ppl": math.exp(base_nll / count)})
+    return [PplResult(ppl=math.exp(nll[k] / count), tokens=count, windows=windows.shape[0], protocol=protocol,
+                      seqlen=seqlen, kl_mean=None if baseline is None else kl[k] / count,
+                      extra={} if baseline is None else {"baseline_ppl": math.exp(base_nll / count)},
+                      stride=step_tokens if p.sliding else None)
+            for k in range(len(models))]
 
 
 def _score(logits: torch.Tensor, targets: torch.Tensor, ref: torch.Tensor | None) -> tuple[float, float, float]:
