@@ -126,3 +126,13 @@ def test_shipped_recipes_cover_every_pipeline_for_both_models_with_expect():
         methods = {m for r in mine.values() for m in r.method_label().split("+")}
         assert {"int8", "gptq", "nupes", "qmoe", "matryoshka"} <= methods, (model, methods)
         assert any("+" in r.method_label() for r in mine.values()), f"{model}: no mixed recipe"
+
+
+def test_resume_key_ignores_eval_expect_and_output_but_not_rules():
+    from moeq.pipeline.run import run_key
+    targets = find_targets(build("qwen2_moe"))
+    base = dict(method="rtn", options={"bits": 4})
+    key = run_key(Plan(Recipe(**base), targets), "m", None)
+    edited = Recipe(**base, output="elsewhere", eval={"windows": 3}, expect={"max_ppl_ratio": 1.1})
+    assert run_key(Plan(edited, targets), "m", None) == key      # an edited limit resumes the same run
+    assert run_key(Plan(Recipe(method="rtn", options={"bits": 3}), targets), "m", None) != key

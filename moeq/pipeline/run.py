@@ -87,9 +87,11 @@ def sequential(plan: Plan) -> bool:
 
 
 def run_key(plan: Plan, source: str | None, calib_ids: torch.Tensor | None) -> str:
-    """Identifies a run (model, resolved recipe, targets, calibration tokens and the inputs they are gathered on):
-    resuming another run is refused."""
-    h = hashlib.sha256(json.dumps({"recipe": plan.recipe.model_dump(), "source": source,
+    """Identifies a run (model, the recipe's quantization part, targets, calibration tokens and the inputs they are
+    gathered on): resuming another run is refused. What the artifact does not depend on (the recipe's ``output``,
+    ``eval`` and ``expect``) is left out, so editing a limit does not discard an interrupted run."""
+    recipe = plan.recipe.model_dump(exclude={"output", "eval", "expect"})
+    h = hashlib.sha256(json.dumps({"recipe": recipe, "source": source,
                                    "options": [a.options() for a in plan.assignments],
                                    "targets": [(t.name, t.shape, plan[t].rule) for t in plan.targets]},
                                   sort_keys=True).encode())
