@@ -103,7 +103,8 @@ def test_extract_bits_2_is_smaller_and_loads(art, tmp_path):
     code, text = run("extract", art, "-o", out, "--bits", "2", "--json", tmp_path / "r.json")
     assert code == 0, text
     m, src = manifest(out), manifest(art)
-    assert all(e["meta"]["bits"] == 2 and len(e["parts"]) == 3 for e in m["tensors"].values())
+    assert all(e["meta"]["bits"] == 2 and sum(p.startswith("plane") for p in e["parts"]) == 2
+               for e in m["tensors"].values())
     assert m["totals"]["total_bytes"] < src["totals"]["total_bytes"]
     assert m["totals"]["quantized_bytes"] < 0.35 * src["totals"]["quantized_bytes"]
     assert m.get("allocation") is None

@@ -45,11 +45,14 @@ def weights(shape, seed, dtype=torch.float32):
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02).to(dtype)
 
 
-def reference_gptq(w, h, grid, group_size=0, percdamp=0.01, act_order=False, static=True):
+def reference_gptq(w, h, grid, group_size=0, percdamp=0.01, act_order=False, static=True, keep=0):
     """The paper's algorithm, one column at a time, no lazy blocks: every column's error immediately updates all
-    later columns. Returns (codes, deq) in the original column order."""
+    later columns. Returns (codes, deq) in the original column order. ``keep``: that many columns of largest
+    diag H are processed last and kept float16-rounded; group parameters are fitted with each kept weight
+    replaced by the mean of the other weights of its row and group."""
     w, h = w.clone(), h.clone()
     n = w.shape[1]
+    kept = sorted(torch.topk(h.diag(), keep).indices.tolist()) if keep else []
     dead = h.diag() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -58,8 +61,15 @@ def reference_gptq(w, h, grid, group_size=0, percdamp=0.01, act_order=False, sta
     def params(cols):
         return {k: v[0] for k, v in grid.params(cols[None]).items()}
 
-    fixed = [params(w[:, a:a + g]) for a in range(0, n, g)]
+    fit = w.clone()
+    for a in range(0, n, g):
+        live = [j for j in range(a, min(a + g, n)) if j not in kept]
+        for j in range(a, min(a + g, n)):
+            if j in kept:
+                fit[:, j] = w[:, live].mean(1) if live else 0
+    fixed = [params(fit[:, a:a + g]) for a in range(0, n, g)]
     perm = torch.argsort(h.diag(), descending=True, stable=True) if act_order else torch.arange(n)
+    perm = torch.tensor([j for j in perm.tolist() if j not in kept] + kept)
     w, h = w[:, perm], h[perm][:, perm]
     h += percdamp * h.diag().mean() * torch.eye(n, dtype=h.dtype)
     u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
@@ -70,6 +80,8 @@ def reference_gptq(w, h, grid, group_size=0, percdamp=0.01, act_order=False, sta
         elif j % g == 0:
             p = params(w[:, j:j + g])
         q, c = grid.quantize(w[:, j], p)
+        if int(perm[j]) in kept:
+            q = w[:, j].half().to(w.dtype)
         err = (w[:, j] - q) / u[j, j]
         w[:, j + 1:] -= err[:, None] * u[j, j + 1:][None, :]
         codes[:, perm[j]], deq[:, perm[j]] = c, q
@@ -93,6 +105,27 @@ def test_matches_column_by_column_reference(grid, group_size, act_order, static)
     assert torch.equal(r.codes, ref_codes)
     torch.testing.assert_close(r.deq, ref_deq, rtol=0, atol=1e-12)
     assert r.fallback == ("none",)
+
+
+@pytest.mark.parametrize("group_size,act_order", [(0, False), (32, False), (32, True)])
+def test_kept_columns_match_the_reference_and_absorb_the_compensation(group_size, act_order):
+    x = correlated(256, 96, seed=1, dtype=torch.float64)
+    x[:, 7] *= 40                                   # one massive-activation channel (and 3 more strong ones)
+    w = weights((24, 96), seed=2, dtype=torch.float64)
+    h = hessian(x)
+    ref_codes, ref_deq = reference_gptq(w, h, UniformGrid(3), group_size, act_order=act_order, keep=4)
+    r = gptq(w, h, UniformGrid(3), group_size=group_size, block_size=64, act_order=act_order, keep=4)
+    assert r.kept.tolist() == sorted(torch.topk(h.diag(), 4).indices.tolist()) and 7 in r.kept.tolist()
+    torch.testing.assert_close(r.deq, ref_deq, rtol=0, atol=1e-12)
+    kept_mask = torch.zeros(96, dtype=torch.bool)
+    kept_mask[r.kept] = True
+    assert torch.equal(r.codes[:, ~kept_mask], ref_codes[:, ~kept_mask])
+    # the kept values are not the original weights: they carry the other columns' compensation
+    assert not torch.allclose(r.deq[:, kept_mask], w[:, kept_mask].half().double())
+    plain = gptq(w, h, UniformGrid(3), group_size=group_size, block_size=64, act_order=act_order)
+    assert out_err(x, w, r.deq) < 0.5 * out_err(x, w, plain.deq)
+    with pytest.raises(ValueError, match="static"):
+        gptq(w, h, UniformGrid(3), group_size=32, static_groups=False, keep=2)
 
 
 def test_float32_agrees_with_reference():

@@ -10,6 +10,7 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from moeq import api
 from moeq.errors import ArtifactError, MoeqError
@@ -34,7 +35,7 @@ from moeq.recipes import Recipe
 from moeq.registry import load_builtins
 from moeq.runtime.build import packed_modules
 from moeq.runtime.matryoshka import MatryoshkaLinear, u8_offset
-from tests.conformance import CodecConformance, QuantizerConformance, _equal
+from tests.conformance import GOLDEN, CodecConformance, QuantizerConformance, _equal
 from tests.tiny_models import V, build
 
 load_builtins()
@@ -101,8 +102,8 @@ def test_deq_is_bit_exact_what_the_codec_decodes_at_every_width(sym):
     params = group_params(w[None], NestedGrid(sym), 64)
     for r in WIDTHS:
         names = CODEC.parts_at(sorted(parts), meta, r)
-        back = CODEC.decode({k: parts[k] for k in names}, meta, q.shape, 1)
-        assert back.meta == {"bits": r, "widths": list(WIDTHS), "group_size": 64, "sym": sym}
+        back = CODEC.decode({k: parts[k] for k in names}, meta, q.shape, CODEC.version)
+        assert back.meta == {"bits": r, "widths": list(WIDTHS), "group_size": 64, "sym": sym, "outliers": 0}
         assert torch.equal(back.tensors["codes"], child(q.tensors["codes"], r))
         # the grid's deq at this width alone (λ only on r) is exactly what the stored parts decode to
         grid = NestedGrid(sym, ((r, 1.0),))
@@ -157,17 +158,20 @@ def test_gptq_multi_width_beats_the_floor_parent_at_low_widths():
     df = Q.quantize_experts(w, MatryoshkaConfig(mode="data_free"), st)
     dd = Q.quantize_experts(w, MatryoshkaConfig(), st)
 
+    def err(e, q, r):
+        kept = q.tensors.get("cols")
+        return float(width_errors(w[e:e + 1], q.tensors["codes"][None], q.tensors["scale"][None], None, (r,), 64,
+                                  st[e].hessian, None if kept is None else kept[None],
+                                  None if kept is None else q.tensors["col_values"][None])[r])
+
     def out_err(qs, r):
-        return sum(float(width_errors(w[e:e + 1], q.tensors["codes"][None], q.tensors["scale"][None], None,
-                                      (r,), 64, st[e].hessian)[r]) for e, q in enumerate(qs))
+        return sum(err(e, q, r) for e, q in enumerate(qs))
 
     for r in (3, 2):
         assert out_err(dd, r) < 0.9 * out_err(df, r), r
     # the manifest diagnostics are those output errors
     assert dd[0].info["metric"] == "output" and df[0].info["metric"] == "weight_mse"
-    e0 = float(width_errors(w[:1], dd[0].tensors["codes"][None], dd[0].tensors["scale"][None], None, (2,), 64,
-                            st[0].hessian)[2])
-    assert dd[0].info["out_err"]["2"] == pytest.approx(e0, rel=1e-5)
+    assert dd[0].info["out_err"]["2"] == pytest.approx(err(0, dd[0], 2), rel=1e-5)
     assert set(dd[0].info["out_err"]) == {str(r) for r in WIDTHS}
 
 
@@ -189,7 +193,7 @@ def test_config_is_checked():
 
 # ------------------------------------------------------------------------------------------------- the codec
 
-def _make(shape, seed, sym=True, bits=8):
+def _make(shape, seed, sym=True, bits=8, outliers=True):
     g = _gen(seed)
     out_f, in_f = shape
     codes = torch.randint(0, 1 << bits, shape, dtype=torch.uint8, generator=g)
@@ -198,7 +202,11 @@ def _make(shape, seed, sym=True, bits=8):
     t = {"codes": codes, "scale": (torch.rand(out_f, ng, generator=g) * 0.01).half()}
     if not sym:
         t["offset"] = (-torch.rand(out_f, ng, generator=g) * 0.5).half()
-    return QTensor(shape, t, {"bits": bits, "widths": list(WIDTHS), "group_size": 64, "sym": sym})
+    k = min(3, in_f - 1) if outliers else 0       # kept 16-bit columns (v2); none when in_features is 1
+    if k:
+        t["cols"] = torch.randperm(in_f, generator=g)[:k].sort().values.to(torch.int32)
+        t["col_values"] = torch.randn(out_f, k, generator=g).half()
+    return QTensor(shape, t, {"bits": bits, "widths": list(WIDTHS), "group_size": 64, "sym": sym, "outliers": k})
 
 
 class TestBitplanesCodec(CodecConformance):
@@ -206,6 +214,29 @@ class TestBitplanesCodec(CodecConformance):
 
     def make(self, shape, seed):
         return _make(shape, seed)
+
+
+def test_version_1_files_still_decode():
+    """bitplanes v1 (no kept columns, no outliers key) decodes as it did."""
+    path = GOLDEN / "bitplanes-v1.safetensors"
+    info = json.loads(path.with_suffix(".json").read_text())
+    back = CODEC.decode(load_file(str(path)), info["meta"], tuple(info["shape"]), 1)
+    assert _equal(back, _make(tuple(info["shape"]), info["seed"], outliers=False))
+    with pytest.raises(ArtifactError):     # a v2 meta key in a v1 entry
+        CODEC.decode(load_file(str(path)), {**info["meta"], "outliers": 0}, tuple(info["shape"]), 1)
+
+
+def test_kept_column_parts_are_checked():
+    q = _make((6, 70), 5)
+    parts, meta = CODEC.encode(q)
+    for bad in ({**parts, "cols": parts["cols"].flip(0)},                       # not ascending
+                {**parts, "cols": parts["cols"] + 70},                          # out of range
+                {**parts, "cols": parts["cols"].long()},
+                {**parts, "col_values": parts["col_values"].float()},
+                {**parts, "col_values": parts["col_values"].fill_(float("inf"))},
+                {k: v for k, v in parts.items() if k != "col_values"}):
+        with pytest.raises(ArtifactError):
+            CODEC.decode(bad, meta, q.shape, CODEC.version)
 
 
 class TestBitplanesCodecAsym(CodecConformance):
@@ -221,7 +252,7 @@ class TestBitplanesCodecAsym(CodecConformance):
 def test_prefix_decode_and_its_checks():
     q = _make((5, 70), 0, sym=False)
     parts, meta = CODEC.encode(q)
-    back = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, 3)}, meta, q.shape, 1)
+    back = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, 3)}, meta, q.shape, CODEC.version)
     assert back.meta["bits"] == 3 and torch.equal(back.tensors["codes"], q.tensors["codes"] >> 5)
     assert torch.equal(back.tensors["offset"], q.tensors["offset"])
     assert CODEC.parts_at(sorted(parts), meta, None) == sorted(parts)
@@ -237,14 +268,14 @@ def test_prefix_decode_and_its_checks():
              {k: v for k, v in parts.items() if k not in ("plane5", "plane6", "plane7")}]  # 5 planes: not a width
     for p in cases:
         with pytest.raises(ArtifactError):
-            CODEC.decode(p, meta, q.shape, 1)
+            CODEC.decode(p, meta, q.shape, CODEC.version)
     for m in ({**meta, "widths": [6, 8]}, {**meta, "bits": 9}, {**meta, "group_size": 32}, {**meta, "sym": 1},
-              {**meta, "in_features": 71},
+              {**meta, "in_features": 71}, {**meta, "outliers": -1}, {**meta, "outliers": 2},
               {k: v for k, v in meta.items() if k != "widths"}):
         with pytest.raises(ArtifactError):
-            CODEC.decode(parts, m, q.shape, 1)
+            CODEC.decode(parts, m, q.shape, CODEC.version)
     with pytest.raises(ArtifactError):
-        CODEC.decode(parts, meta, q.shape, 2)
+        CODEC.decode(parts, meta, q.shape, CODEC.version + 1)
 
 
 # ----------------------------------------------------------------------------------------------- the runtime
@@ -256,7 +287,7 @@ def test_runtime_at_every_width_is_the_dequantized_linear(sym):
     parts, meta = CODEC.encode(Q.quantize(w, MatryoshkaConfig(mode="data_free", sym=sym), None))
     x = torch.randn(3, 5, 192, generator=_gen(9))
     for r in (8, 4, 3, 2):
-        q = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, r)}, meta, (48, 192), 1)
+        q = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, r)}, meta, (48, 192), CODEC.version)
         mod = MatryoshkaLinear(q, bias)
         assert (mod.kernel_group is not None) == (sym and r <= 4)             # the LUT kernel where it applies
         deq = Q.dequantize(q)
@@ -271,6 +302,44 @@ def test_runtime_at_every_width_is_the_dequantized_linear(sym):
 
 
 
+def _massive_channel_stats(in_f, seed=0, n=512, channels=(5, 77), factor=60.0):
+    """Inputs with a few massive-activation channels (as in real LLMs), their H = 2 X^T X / n."""
+    g = _gen(seed)
+    x = torch.randn(n, in_f, generator=g) * (torch.rand(in_f, generator=g) + 0.5)
+    x[:, list(channels)] *= factor
+    return x, Stats(tokens=n, values={"hessian": 2 * x.t() @ x / n})
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_kept_columns_cut_the_low_width_error_and_run_at_every_width(sym):
+    """Data-driven matryoshka keeps the inputs of largest mean squared activation in 16 bits: on a layer with
+    massive-activation channels its output error at 4, 3 and 2 bits is a fraction of the same run without them;
+    every width's runtime (LUT kernel, uint8 route, fallback) reads those columns as stored."""
+    w = torch.randn(48, 192, generator=_gen(21)) * 0.02
+    x, st = _massive_channel_stats(192)
+    with_kept = Q.quantize(w, MatryoshkaConfig(sym=sym), st)
+    without = Q.quantize(w, MatryoshkaConfig(sym=sym, outliers=0), st)
+    assert with_kept.meta["outliers"] == 4 and without.meta["outliers"] == 0 and "cols" not in without.tensors
+    assert {5, 77} <= set(with_kept.tensors["cols"].tolist())
+    for r in (4, 3, 2):
+        assert with_kept.info["out_err"][str(r)] < 0.5 * without.info["out_err"][str(r)], r
+    bias = torch.randn(48, generator=_gen(8))
+    parts, meta = CODEC.encode(with_kept)
+    xs = x[:7].reshape(1, 7, 192)
+    for r in (8, 6, 4, 3, 2):
+        q = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, r)}, meta, (48, 192), CODEC.version)
+        mod = MatryoshkaLinear(q, bias)
+        deq = Q.dequantize(q)
+        cols = q.tensors["cols"].long()
+        assert torch.equal(deq[:, cols], q.tensors["col_values"].float())        # kept as stored at every width
+        assert torch.equal(mod.dequantized(), deq)
+        ref = torch.nn.functional.linear(xs, deq, bias)
+        torch.testing.assert_close(mod(xs), ref, rtol=1e-4, atol=1e-3 * ref.abs().max().item())
+        torch.testing.assert_close(mod(xs[0, :1]), ref[0, :1], rtol=1e-4, atol=1e-3 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="data_driven"):
+        MatryoshkaConfig(mode="data_free", outliers=2)
+
+
 # ------------------------------------------------------------------- the uint8 route (symmetric, r = 5..8, C++)
 
 ALL_WIDTHS = (8, 7, 6, 5, 4, 3, 2)
@@ -282,7 +351,7 @@ def _width(r, group_size, shape=(40, 200), seed=11):
     w = torch.randn(*shape, generator=_gen(seed)) * 0.02
     cfg = MatryoshkaConfig(mode="data_free", widths=ALL_WIDTHS, group_size=group_size)
     parts, meta = CODEC.encode(Q.quantize(w, cfg, None))
-    q = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, r)}, meta, shape, 1)
+    q = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, r)}, meta, shape, CODEC.version)
     return q, torch.randn(shape[0], generator=_gen(seed + 1))
 
 
@@ -477,7 +546,7 @@ def test_extract_keeps_r_planes(artifact, tmp_path):
     man = json.loads((out / "moeq.json").read_text())
     src = json.loads((path / "moeq.json").read_text())
     e = next(iter(man["tensors"].values()))
-    assert e["parts"] == ["plane0", "plane1", "plane2", "scale"] and e["meta"]["bits"] == 3
+    assert sorted(e["parts"]) == ["col_values", "cols", "plane0", "plane1", "plane2", "scale"] and e["meta"]["bits"] == 3
     assert man["totals"]["quantized_bytes"] < 0.5 * src["totals"]["quantized_bytes"]
     assert man["kept"].keys() == src["kept"].keys()
     assert _nll(out, ids, None) == _nll(path, ids, 3)                       # the same model as a 3-bit load
@@ -498,10 +567,10 @@ def test_a_width_read_reencodes_to_its_planes():
     """A decoded r-bit QTensor re-encodes to r planes that decode back to it (extraction's step)."""
     q = _make((9, 130), 4)
     parts, meta = CODEC.encode(q)
-    q3 = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, 3)}, meta, q.shape, 1)
+    q3 = CODEC.decode({k: parts[k] for k in CODEC.parts_at(sorted(parts), meta, 3)}, meta, q.shape, CODEC.version)
     p3, m3 = CODEC.encode(q3)
-    assert sorted(p3) == ["plane0", "plane1", "plane2", "scale"] and m3["bits"] == 3
-    assert _equal(CODEC.decode(p3, m3, q.shape, 1), q3)
+    assert sorted(p3) == ["col_values", "cols", "plane0", "plane1", "plane2", "scale"] and m3["bits"] == 3
+    assert _equal(CODEC.decode(p3, m3, q.shape, CODEC.version), q3)
 
 
 def test_per_width_states_beat_the_averaged_residual_on_a_correlated_layer():

@@ -55,11 +55,14 @@ class GPTQResult(GridResult):
     """Adds, per expert: ``row_loss`` [E, out] GPTQ's proxy loss sum_i (w_i - q_i)^2 / (2 Hinv_ii^2) per row
     (``loss`` [E] sums it), ``percdamp`` [E] the damping actually used (NaN where identity was used), and
     ``fallback`` (one string per expert): ``none``, ``damp`` (more damping needed) or ``identity`` (Cholesky
-    failed at every damping: round-to-nearest)."""
+    failed at every damping: round-to-nearest). ``kept`` [E, k] (``gptq(keep=k)``): the input columns left
+    unquantized, ascending; ``deq`` holds their float16-rounded values (after every other column's compensation),
+    ``codes`` there are the grid's codes of those values, which a format storing the columns apart ignores."""
 
     row_loss: torch.Tensor = None
     percdamp: torch.Tensor = None
     fallback: tuple[str, ...] = ()
+    kept: torch.Tensor | None = None
 
     @property
     def loss(self) -> torch.Tensor:
@@ -147,16 +150,26 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, to
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, grid: ColumnGrid, *, group_size: int = 0, block_size: int = 128,
-         percdamp: float = 0.01, act_order: bool = False, static_groups: bool = True) -> GPTQResult:
+         percdamp: float = 0.01, act_order: bool = False, static_groups: bool = True, keep: int = 0) -> GPTQResult:
     """GPTQ-quantize ``w`` [E, out, in] (or [out, in]) against Hessians ``h`` [E, in, in]; an [in, in] ``h`` is
     shared by every expert (pooled statistics: rows are independent given H, so the experts are stacked into one
     matrix). Dead inputs (H_ii == 0) get H_ii = 1 and their weight column zeroed. ``act_order`` processes columns
-    by descending diag H (per expert) and needs static groups. See the module docstring for groups."""
+    by descending diag H (per expert) and needs static groups. See the module docstring for groups.
+
+    ``keep`` k > 0: the k inputs of largest diag H (mean squared activation: the massive-activation channels of
+    real LLMs, where a small weight error is multiplied by a huge input) are not quantized (SpQR's outliers, by
+    input column). They are processed LAST, so they absorb every other column's compensation, and come back
+    float16-rounded in ``deq`` (``GPTQResult.kept`` says which). The grid parameters of their groups are fitted
+    without them. Needs static groups."""
     if act_order and group_size and not static_groups:
         raise ValueError("act_order with dynamic groups would need a stored column permutation; "
                          "use static_groups=True")
+    if keep and not (static_groups or not group_size):
+        raise ValueError("keep needs static groups (the kept columns are moved to the end)")
+    if not 0 <= keep < w.shape[-1]:
+        raise ValueError(f"keep {keep}: between 0 and the {w.shape[-1] - 1} inputs less one")
     opts = {"group_size": group_size, "block_size": block_size, "percdamp": percdamp, "act_order": act_order,
-            "static_groups": static_groups}
+            "static_groups": static_groups, "keep": keep}
     if w.ndim == 2:
         return _squeeze(gptq(w[None], h if h.ndim == 3 else h[None], grid, **opts))
     if h.ndim == 2:
@@ -167,34 +180,52 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: ColumnGrid, *, group_size: int 
     return _gptq(w, h, grid, **opts)
 
 
-def _gptq(w, h, grid, *, group_size, block_size, percdamp, act_order, static_groups) -> GPTQResult:
+def _gptq(w, h, grid, *, group_size, block_size, percdamp, act_order, static_groups, keep) -> GPTQResult:
     dt = _dtype(w, h)
     w = w.to(dtype=dt, copy=True)
     h = h.to(device=w.device, dtype=dt, copy=True)
     e, _, cols = w.shape
     diag = h.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
+    kept = torch.topk(diag, keep, dim=-1).indices.sort(-1).values if keep else None
     diag[dead] = 1.0
     w.masked_fill_(dead[:, None, :], 0.0)
     static = static_groups or not group_size
-    params = group_params(w, grid, group_size) if static else None
+    params = group_params(w if kept is None else _without(w, kept, group_size), grid, group_size) if static else None
     gidx = column_groups(cols, group_size, w.device).expand(e, cols)
     perm = None
-    if act_order:
-        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
+    if act_order or kept is not None:
+        order = diag if act_order else -torch.arange(cols, device=w.device, dtype=dt).expand(e, cols)
+        if kept is not None:    # the kept columns last: below every other key
+            order = order.scatter(-1, kept, float("-inf"))
+        perm = torch.argsort(order, dim=-1, descending=True, stable=True)
         w = w.gather(-1, perm[:, None, :].expand_as(w))
         h = h.gather(-2, perm[:, :, None].expand_as(h)).gather(-1, perm[:, None, :].expand_as(h))
         gidx = gidx.gather(-1, perm)
     u, used, labels = inverse_cholesky(h, percdamp)
     del h, diag                                  # only U is needed from here
     if static:
-        codes, deq, row_loss = _sweep_static(w, u, grid, params, gidx, block_size)
+        codes, deq, row_loss = _sweep_static(w, u, grid, params, gidx, block_size, cols - keep)
     else:
         codes, deq, row_loss, params = _sweep_dynamic(w, u, grid, group_size, block_size)
     if perm is not None:
         inv = torch.argsort(perm, dim=-1)[:, None, :].expand_as(w)
         codes, deq = codes.gather(-1, inv), deq.gather(-1, inv)
-    return GPTQResult(codes, params, deq, row_loss, used, labels)
+    return GPTQResult(codes, params, deq, row_loss, used, labels, kept)
+
+
+def _without(w: torch.Tensor, kept: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``w`` with the kept columns (``kept`` [E, k]) set to the mean of the other columns of their row and group,
+    so the groups' parameters are fitted to the columns that are quantized."""
+    e, out, cols = w.shape
+    g = group_size or cols
+    mask = torch.zeros(e, 1, cols, dtype=torch.bool, device=w.device).scatter_(-1, kept[:, None, :], True)
+    pad = -cols % g
+    wg = torch.nn.functional.pad(w, (0, pad)).view(e, out, -1, g)
+    live = torch.nn.functional.pad(~mask, (0, pad)).view(e, 1, -1, g)   # padding counts as not live
+    mean = (wg * live).sum(-1) / live.sum(-1).clamp_min(1)
+    fill = mean.repeat_interleave(g, dim=-1)[..., :cols]
+    return torch.where(mask, fill, w)
 
 
 def _outputs(w, grid):
@@ -203,15 +234,16 @@ def _outputs(w, grid):
     return codes, torch.empty_like(w), w.new_zeros(w.shape[:2])
 
 
-def _sweep_static(w, u, grid, params, gidx, block_size):
+def _sweep_static(w, u, grid, params, gidx, block_size, exact_from=None):
     """The column sweep with per-column parameters known up front (``gidx`` [E, in]: group of each column in
-    processing order)."""
+    processing order). Columns from position ``exact_from`` on are kept (float16-rounded), not quantized."""
     cols = w.shape[-1]
     codes, deq, row_loss = _outputs(w, grid)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         p = column_params(params, gidx[:, i1:i2])
-        row_loss += _block(w, u, grid, i1, i2, lambda i, w1, p=p: {k: v[..., i] for k, v in p.items()}, codes, deq)
+        row_loss += _block(w, u, grid, i1, i2, lambda i, w1, p=p: {k: v[..., i] for k, v in p.items()}, codes, deq,
+                           exact_from)
     return codes, deq, row_loss
 
 
@@ -233,11 +265,11 @@ def _sweep_dynamic(w, u, grid, group_size, block_size):
     return codes, deq, row_loss, params
 
 
-def _block(w, u, grid, i1, i2, params_of, codes, deq) -> torch.Tensor:
+def _block(w, u, grid, i1, i2, params_of, codes, deq, exact_from=None) -> torch.Tensor:
     """Quantize columns [i1, i2) of ``w`` into ``codes``/``deq`` with the lazy-batch scheme: each column's scaled
     error updates the rest of the block at once, the block's errors update every later column of ``w`` with one
-    batched GEMM. ``params_of(i, w1)``: the grid parameters of block column i. Returns the block's proxy loss
-    per row [E, out]."""
+    batched GEMM. ``params_of(i, w1)``: the grid parameters of block column i; columns from ``exact_from`` on are
+    kept float16-rounded (their codes still the grid's). Returns the block's proxy loss per row [E, out]."""
     w1 = w[..., i1:i2].transpose(-1, -2).contiguous()   # [E, b, out]: column i is w1[:, i], contiguous
     w1_cols = w1.transpose(-1, -2)                       # the same storage seen as [E, out, b] (for params_of)
     u1 = u[:, i1:i2, i1:i2]
@@ -247,6 +279,8 @@ def _block(w, u, grid, i1, i2, params_of, codes, deq) -> torch.Tensor:
     for i in range(i2 - i1):
         col = w1[:, i]
         q, c = grid.quantize(col, params_of(i, w1_cols))
+        if exact_from is not None and i1 + i >= exact_from:
+            q = col.clamp(-65504.0, 65504.0).half().to(col.dtype)
         q1[:, i], c1[:, i] = q, c
         err = (col - q) / u1[:, i, i, None]
         err1[:, i] = err
@@ -270,4 +304,5 @@ def _unstack(r: GPTQResult, e: int) -> GPTQResult:
     def split(t):
         return t.reshape(e, -1, *t.shape[2:])
     return GPTQResult(split(r.codes), {k: split(v) for k, v in r.params.items()}, split(r.deq),
-                      r.row_loss.reshape(e, -1), r.percdamp.expand(e).clone(), r.fallback * e)
+                      r.row_loss.reshape(e, -1), r.percdamp.expand(e).clone(), r.fallback * e,
+                      None if r.kept is None else r.kept.expand(e, -1).clone())

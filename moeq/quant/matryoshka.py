@@ -23,9 +23,16 @@ Two modes:
     compensation serves every width; λ trades the 8-bit quality for the low widths'.
 Scales (and offsets) are rounded to float16 before the codes are chosen, so the codes decode bit-exactly.
 
+Outlier columns (data-driven, ``outliers`` k, default 4): the k inputs of largest mean squared activation (diag H)
+are not quantized. GPTQ processes them last, so they absorb the other columns' compensation, and they are stored
+in float16 and read as stored at every width (``gptq(keep=k)``). The nested grid has no zero level, so without
+them a near-zero weight in a massive-activation channel is off by half a bucket at low widths (see
+``DEFAULT_OUTLIERS``).
+
 QTensor tensors: ``codes`` uint8 [out, in] (the parent, < 2^bits), ``scale`` float16 [out, n_groups] (s),
-``offset`` float16 [out, n_groups] (lo; asymmetric only); meta {bits (8 for the parent, r for a child read at r
-bits), widths (descending, the widths the parent was fitted for and may be read at), group_size, sym}. Group j
+``offset`` float16 [out, n_groups] (lo; asymmetric only), ``cols`` int32 [k] and ``col_values`` float16 [out, k]
+(the kept columns, k > 0 only); meta {bits (8 for the parent, r for a child read at r bits), widths (descending,
+the widths the parent was fitted for and may be read at), group_size, sym, outliers (k)}. Group j
 covers inputs [j*g, (j+1)*g) (the last may be shorter); group_size 0 = one group per row. ``info``: the mode and
 ``out_err`` {width: error} with ``metric`` ``output`` (tr(dW_r H dW_r^T), H the input Hessian 2 X^T X / n) or
 ``weight_mse`` (no Hessian: data-free mode or no calibration tokens), for a later bit allocation per expert.
@@ -51,6 +58,12 @@ WIDTHS = (8, 6, 4, 3, 2)
 # for its compensation; twice the weight on 8 bits keeps it within 0.25% ppl of plain int8 on tiny-moe (equal λ:
 # +0.34%, λ_8 = 4: +0.18% but r = 2 gains half as much; 2x on r = 2: +0.52%), see the ``weights`` option
 DEFAULT_WEIGHTS = {8: 2.0, 7: 1.0, 6: 1.0, 5: 1.0, 4: 1.0, 3: 1.0, 2: 1.0}
+# input columns kept in 16 bits (data-driven). Real LLMs have a few "massive activation" channels (SmolLM2-135M: the
+# top input's mean square is 300-2300x the median); a weight error there is multiplied by a huge input, and the
+# nested grid has no zero level, so a near-zero weight in such a column is off by half a bucket. Measured on
+# SmolLM2 (floor parent, g64 symmetric, 2 windows): r = 3 ppl 15,328 -> 35.0 with 4 kept columns, r = 4 27.0 -> 17.3
+# (+0.11 bits/param at 576 inputs)
+DEFAULT_OUTLIERS = 4
 
 
 # ------------------------------------------------------------------------------------------------- the grid
@@ -173,14 +186,25 @@ def nested_dequantize(codes: torch.Tensor, bits: int, scale: torch.Tensor, offse
     return w.view(out_f, ng * g)[:, :in_f]
 
 
+def with_kept(w: torch.Tensor, cols: torch.Tensor | None, values: torch.Tensor | None) -> torch.Tensor:
+    """``w`` [out, in] with the kept input columns ``cols`` [k] set to their 16-bit ``values`` [out, k] (in place)."""
+    if cols is not None and cols.numel():
+        w[:, cols.long()] = values.to(w.dtype)
+    return w
+
+
 def width_errors(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                 widths: tuple[int, ...], group_size: int, h: torch.Tensor | None) -> dict[int, torch.Tensor]:
+                 widths: tuple[int, ...], group_size: int, h: torch.Tensor | None,
+                 kept: torch.Tensor | None = None, values: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """Per width r, per expert [E]: tr(dW_r H dW_r^T) (``h`` [in, in] or [E, in, in]) or, without ``h``, the
-    weight MSE of dW_r = w - deq_r; ``w``/``codes`` [E, out, in], params [E, out, n_groups]."""
+    weight MSE of dW_r = w - deq_r; ``w``/``codes`` [E, out, in], params [E, out, n_groups]; ``kept`` [E, k] /
+    ``values`` [E, out, k]: the columns kept in 16 bits."""
     out = {}
     for r in widths:
-        deq = torch.stack([nested_dequantize(child(codes[e], r), r, scale[e], None if offset is None else offset[e],
-                                             group_size) for e in range(w.shape[0])])
+        deq = torch.stack([with_kept(nested_dequantize(child(codes[e], r), r, scale[e],
+                                                       None if offset is None else offset[e], group_size),
+                                     None if kept is None else kept[e], None if values is None else values[e])
+                           for e in range(w.shape[0])])
         dw = w.float() - deq
         out[r] = dw.square().mean((-2, -1)) if h is None else ((dw @ h.float()) * dw).sum((-2, -1))
     return out
@@ -205,6 +229,10 @@ class MatryoshkaConfig(GPTQOptions):
     mode: Literal["data_free", "data_driven"] = Field(
         "data_driven", description="data_free: the floor parent (nearest level at every width); data_driven: GPTQ "
                                    "on the nested grid, feeding back the λ-averaged residual")
+    outliers: int | None = Field(
+        None, ge=0, le=64, description="data-driven: input columns of largest mean squared activation kept in 16 bits "
+                                       "at every width (GPTQ compensates into them); null = 4 (data_driven), 0 "
+                                       "(data_free)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -214,7 +242,14 @@ class MatryoshkaConfig(GPTQOptions):
         if self.weights is not None and (len(self.weights) != len(w) or min(self.weights) < 0
                                          or not sum(self.weights) > 0):
             raise ValueError(f"weights: one λ >= 0 per width ({len(w)}), not all zero, got {list(self.weights)}")
+        if self.mode == "data_free" and self.outliers:
+            raise ValueError("outliers are chosen from calibration activations: they need mode data_driven")
         return self
+
+    def kept_columns(self, in_features: int) -> int:
+        """How many input columns stay in 16 bits for a weight with ``in_features`` inputs."""
+        k = self.outliers if self.outliers is not None else (DEFAULT_OUTLIERS if self.mode == "data_driven" else 0)
+        return min(k, in_features - 1)
 
     def lambdas(self) -> tuple[tuple[int, float], ...]:
         lam = self.weights if self.weights is not None else [DEFAULT_WEIGHTS[r] for r in self.widths]
@@ -241,13 +276,18 @@ class MatryoshkaQuantizer(Quantizer):
 
     def _qtensors(self, w, r: GridResult, cfg, h, info: dict) -> list[QTensor]:
         scale, offset = r.params["scale"], r.params.get("offset")
-        errs = width_errors(w, r.codes, scale, offset, cfg.widths, cfg.group_size, h)
-        meta = {"bits": PARENT_BITS, "widths": list(cfg.widths), "group_size": cfg.group_size, "sym": cfg.sym}
+        kept = getattr(r, "kept", None)
+        vals = None if kept is None else r.deq.gather(-1, kept[:, None, :].expand(*r.deq.shape[:2], -1)).half()
+        errs = width_errors(w, r.codes, scale, offset, cfg.widths, cfg.group_size, h, kept, vals)
+        meta = {"bits": PARENT_BITS, "widths": list(cfg.widths), "group_size": cfg.group_size, "sym": cfg.sym,
+                "outliers": 0 if kept is None else kept.shape[-1]}
         out = []
         for e in range(w.shape[0]):
             t = {"codes": r.codes[e], "scale": scale[e].half()}
             if offset is not None:
                 t["offset"] = offset[e].half()
+            if kept is not None:
+                t["cols"], t["col_values"] = kept[e].to(torch.int32), vals[e]
             i = {**info, "metric": "weight_mse" if h is None else "output",
                  "out_err": {str(k): _round(float(v[e])) for k, v in errs.items()}}
             if getattr(r, "fallback", ()):
@@ -264,7 +304,7 @@ class MatryoshkaQuantizer(Quantizer):
     def _data_driven(self, w: torch.Tensor, h: torch.Tensor, cfg) -> list[QTensor]:
         w = w.detach().float()
         opts = {"group_size": cfg.group_size, "block_size": cfg.block_size, "percdamp": cfg.percdamp,
-                "act_order": cfg.act_order, "static_groups": True}
+                "act_order": cfg.act_order, "static_groups": True, "keep": cfg.kept_columns(w.shape[-1])}
         if cfg.feedback == "averaged":
             r = gptq(w, h.float(), NestedGrid(cfg.sym, cfg.lambdas()), **opts)
         else:   # one GPTQ state per width: the stack repeated width-major (its Hessians too, unless pooled)
@@ -272,7 +312,7 @@ class MatryoshkaQuantizer(Quantizer):
             hh = h.float() if h.ndim == 2 else h.float().repeat(n, 1, 1)
             r = gptq(w.repeat(n, 1, 1), hh, WidthStates(cfg.sym, cfg.lambdas()), **opts)
             r = type(r)(r.codes[:e], {k: v[:e] for k, v in r.params.items()}, r.deq[:e], r.row_loss[:e],
-                        r.percdamp[:e], r.fallback[:e])
+                        r.percdamp[:e], r.fallback[:e], None if r.kept is None else r.kept[:e])
         return self._qtensors(w, r, cfg, h, {"mode": "data_driven"})
 
     def quantize(self, w, cfg, stats, shared=None):
@@ -291,5 +331,5 @@ class MatryoshkaQuantizer(Quantizer):
 
     def dequantize(self, q: QTensor, shared: dict[str, SharedTable] | None = None) -> torch.Tensor:
         t = q.tensors
-        return nested_dequantize(t["codes"], int(q.meta["bits"]), t["scale"], t.get("offset"),
-                                 int(q.meta["group_size"]))
+        w = nested_dequantize(t["codes"], int(q.meta["bits"]), t["scale"], t.get("offset"), int(q.meta["group_size"]))
+        return with_kept(w, t.get("cols"), t.get("col_values"))

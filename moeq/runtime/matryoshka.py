@@ -20,6 +20,10 @@ Three routes, fixed at construction from the width, the grid and the shape (neve
   (``moeq.formats.bitpack``) and the float16 scales/offsets as stored; per forward they are decoded in float32 a
   row tile at a time into one buffer in x's dtype, then one ``F.linear``.
 
+Kept columns (an entry with ``outliers`` k > 0): the main route runs the codes as they are in every column, and
+``x[..., cols] @ col_delta.T`` adds the difference between the stored 16-bit weights of those k columns and what
+their codes decode to at this width (``col_delta`` float32 [out, k], formed once at load): one small GEMM.
+
 All three round the float32 weight once to the compute dtype: a forward equals ``F.linear(x, dequantized(x.dtype))``
 up to GEMM summation order. Buffers that are the code keep their dtypes through ``.to(dtype)``; ``bias`` follows.
 """
@@ -39,7 +43,7 @@ from moeq.runtime.nupes import kernel_group
 from moeq.runtime.packed import PackedLinear
 
 TILE_BYTES = 4 << 20           # fallback: float32 weight rows decoded per step
-EXACT = ("packed", "qweight", "codes", "scales", "scale", "offset", "lut")   # buffers whose dtype is the format
+EXACT = ("packed", "qweight", "codes", "scales", "scale", "offset", "lut", "cols", "col_delta")  # dtype = format
 U8_BITS = range(5, 9)          # the widths the uint8 route runs (symmetric)
 
 
@@ -79,16 +83,37 @@ class MatryoshkaLinear(PackedLinear):
             self.register_buffer("qweight", bitpack.pack(codes, self.bits))
             self.register_buffer("scale", t["scale"].contiguous())
             self.register_buffer("offset", None if self.sym else t["offset"].contiguous())
+        cols = t.get("cols")
+        self.register_buffer("cols", None if cols is None else cols.long())
+        self.register_buffer("col_delta", None if cols is None else self._col_delta(t, cols.long()))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def _col_delta(self, t: dict, cols: torch.Tensor) -> torch.Tensor:
+        """float32 [out, k]: the kept columns' stored weights minus what their codes decode to at this width."""
+        g = self.group_size or self.in_features
+        groups = cols // g
+        coded = width_lut(self.bits, self.sym)[t["codes"][:, cols].long()] * t["scale"][:, groups].float()
+        if not self.sym:
+            coded = coded + t["offset"][:, groups].float()
+        return t["col_values"].float() - coded
 
     def extra_repr(self) -> str:
         route = "lut_linear" if self.kernel_group is not None else "u8_matvec" if self.u8 else "dequantize+linear"
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
-                f"sym={self.sym}, route={route}, bias={self.bias is not None}")
+                f"sym={self.sym}, route={route}, outliers={0 if self.cols is None else self.cols.numel()}, "
+                f"bias={self.bias is not None}")
 
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The effective [out, in] weight in ``dtype`` (computed in float32, rounded once)."""
+        w = self._coded(dtype if self.cols is None else torch.float32)
+        if self.cols is None:
+            return w
+        w[:, self.cols] += self.col_delta
+        return w.to(dtype)
+
+    def _coded(self, dtype: torch.dtype) -> torch.Tensor:
+        """The [out, in] weight the codes decode to (kept columns not applied)."""
         if self.kernel_group is not None:
             return lut_kernels.dequantize_packed(self.packed, self.lut, self.scales, self.kernel_group, self.bits,
                                                  self.in_features, dtype)
@@ -134,5 +159,7 @@ class MatryoshkaLinear(PackedLinear):
         elif self.u8:
             y = self._u8_linear(x)
         else:
-            y = F.linear(x, self.dequantized(x.dtype))
+            y = F.linear(x, self._coded(x.dtype))
+        if self.cols is not None:
+            y = y + x[..., self.cols] @ self.col_delta.to(x.dtype).T
         return y if self.bias is None else y + self.bias.to(y.dtype)

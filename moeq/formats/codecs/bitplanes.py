@@ -1,4 +1,4 @@
-"""``bitplanes`` v1: nested-precision codes (``matryoshka``) stored as bit-planes, most significant first, so that
+"""``bitplanes`` v2: nested-precision codes (``matryoshka``) stored as bit-planes, most significant first, so that
 the r-bit model is a prefix of the parts: reading it at r bits reads r planes, extracting it drops the others.
 
 parts      dtype     shape                    meaning
@@ -9,11 +9,15 @@ parts      dtype     shape                    meaning
   scale    float16   [out, n_groups]          s, the parent step: deq_r = lut_r[c] * s (+ offset), c = the r-bit
                                               code = the first r planes (``moeq.quant.matryoshka``)
   offset   float16   [out, n_groups]          lo, the bottom of each group's range (asymmetric only)
+  cols     int32     [k]                      (k = meta outliers > 0 only) the input columns kept in 16 bits,
+                                              strictly ascending: every width reads them as stored
+  col_values float16 [out, k]                 their weights (the codes in those columns are not used)
 meta: bits (int, the number of planes stored, 2..8), widths (list of distinct descending ints in 2..8: the widths
 the parent was fitted for and may be read at), group_size (0, 64 or 128; 0 = one group per row, else group j =
 inputs [j*g, (j+1)*g), the last one shorter), sym (bool: symmetric grid, no offset part), in_features (int, the
 entry's shape[1] again: a plane row of ceil(in/8) bytes cannot tell in = 8k+1 .. 8k+8 apart, so decoding checks the
-shape against it). n_groups = ceil(in / group_size), 1 if 0.
+shape against it), outliers (int >= 0, v2: the number of kept columns). n_groups = ceil(in / group_size), 1 if 0.
+Version 1 (no outliers key, no kept columns) is read as well.
 
 Decoding takes the planes it is given: plane0 .. plane{r-1} (a prefix, r in widths, r <= bits) decode to a QTensor
 at r bits (codes = the r-bit children, meta bits = r, widths as stored). ``parts_at`` names the parts to read for
@@ -31,6 +35,7 @@ from moeq.quant.base import QTensor
 from moeq.registry import CODECS
 
 META = {"bits", "widths", "group_size", "sym", "in_features"}
+META_V2 = META | {"outliers"}
 GROUP_SIZES = (0, 64, 128)
 
 
@@ -54,8 +59,8 @@ def _widths_ok(w) -> bool:
 @CODECS.register("bitplanes")
 class BitplanesCodec(Codec):
     name = "bitplanes"
-    version = 1
-    readable_versions = (1,)
+    version = 2
+    readable_versions = (1, 2)
     nested = True
 
     def encode(self, q: QTensor, shared=None):
@@ -65,8 +70,12 @@ class BitplanesCodec(Codec):
         parts["scale"] = t["scale"].contiguous()
         if not m["sym"]:
             parts["offset"] = t["offset"].contiguous()
+        k = int(m.get("outliers", 0))
+        if k:
+            parts["cols"] = t["cols"].to(torch.int32).contiguous()
+            parts["col_values"] = t["col_values"].to(torch.float16).contiguous()
         meta = {"bits": bits, "widths": [int(x) for x in m["widths"]], "group_size": int(m["group_size"]),
-                "sym": bool(m["sym"]), "in_features": int(q.shape[1])}
+                "sym": bool(m["sym"]), "in_features": int(q.shape[1]), "outliers": k}
         return parts, meta
 
     def parts_at(self, part_names: list[str], meta: dict, bits: int | None) -> list[str]:
@@ -87,25 +96,29 @@ class BitplanesCodec(Codec):
         e = self.expect
         e(_is_int(version) and version in self.readable_versions, f"{self.name} version {version!r}")
         e(len(shape) == 2 and all(_is_int(s) and s > 0 for s in shape), f"shape {shape!r}")
-        e(isinstance(meta, dict) and set(meta) == META, f"meta keys {sorted(meta) if isinstance(meta, dict) else meta}")
+        keys = META if version == 1 else META_V2
+        e(isinstance(meta, dict) and set(meta) == keys, f"meta keys {sorted(meta) if isinstance(meta, dict) else meta}")
         stored, widths, g, sym = meta["bits"], meta["widths"], meta["group_size"], meta["sym"]
+        k = meta.get("outliers", 0)
+        e(_is_int(k) and 0 <= k < shape[1], f"outliers {k!r}")
         e(_is_int(stored) and 2 <= stored <= 8, f"bits {stored!r}")
         e(_widths_ok(widths), f"widths {widths!r}")
         e(_is_int(g) and g in GROUP_SIZES, f"group_size {g!r}")
         e(isinstance(sym, bool), f"sym {sym!r}")
         e(meta["in_features"] == shape[1] and _is_int(meta["in_features"]),
           f"in_features {meta['in_features']!r} but shape {shape!r}")
-        r = sum(1 for k in range(8) if _plane(k) in parts)
-        want = {_plane(k) for k in range(r)} | {"scale"} | (set() if sym else {"offset"})
+        r = sum(1 for i in range(8) if _plane(i) in parts)
+        want = ({_plane(i) for i in range(r)} | {"scale"} | (set() if sym else {"offset"})
+                | ({"cols", "col_values"} if k else set()))
         e(set(parts) == want, f"parts {sorted(parts)} (a prefix plane0.. and the scales expected)")
         e(r <= stored and r in widths, f"{r} planes given; {stored} stored, widths {widths}")
         out_f, in_f = shape
         ng = -(-in_f // g) if g else 1
         planes = [parts[_plane(k)] for k in range(r)]
-        for k, p in enumerate(planes):
+        for i, p in enumerate(planes):
             e(isinstance(p, torch.Tensor) and p.dtype == torch.uint8
-              and tuple(p.shape) == (out_f, bitplanes.plane_bytes(in_f)), f"plane{k} {_desc(p)}")
-            e(bitplanes.pad_bits_clear(p, in_f), f"plane{k}: nonzero pad bits (wrong in_features?)")
+              and tuple(p.shape) == (out_f, bitplanes.plane_bytes(in_f)), f"plane{i} {_desc(p)}")
+            e(bitplanes.pad_bits_clear(p, in_f), f"plane{i}: nonzero pad bits (wrong in_features?)")
         names = ["scale"] if sym else ["scale", "offset"]
         for n in names:
             t = parts[n]
@@ -114,4 +127,15 @@ class BitplanesCodec(Codec):
             e(bool(torch.isfinite(t).all()), f"non-finite {n}")
         e(bool((parts["scale"] >= 0).all()), "negative scale")
         tensors = {"codes": bitplanes.join_planes(planes, in_f).contiguous(), **{n: parts[n] for n in names}}
-        return QTensor((out_f, in_f), tensors, {"bits": r, "widths": list(widths), "group_size": g, "sym": sym})
+        if k:
+            cols, vals = parts["cols"], parts["col_values"]
+            e(isinstance(cols, torch.Tensor) and cols.dtype == torch.int32 and tuple(cols.shape) == (k,),
+              f"cols {_desc(cols)}")
+            e(bool((cols >= 0).all() and (cols < in_f).all() and (cols[1:] > cols[:-1]).all()),
+              "cols: not strictly ascending input columns")
+            e(isinstance(vals, torch.Tensor) and vals.dtype == torch.float16 and tuple(vals.shape) == (out_f, k),
+              f"col_values {_desc(vals)}")
+            e(bool(torch.isfinite(vals).all()), "non-finite col_values")
+            tensors.update(cols=cols, col_values=vals)
+        return QTensor((out_f, in_f), tensors, {"bits": r, "widths": list(widths), "group_size": g, "sym": sym,
+                                                "outliers": k})
