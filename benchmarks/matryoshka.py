@@ -64,18 +64,20 @@ def main():
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--options", default="{}", help="JSON options of (a), e.g. '{\"feedback\": \"averaged\"}'")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     widths = [int(x) for x in a.widths.split(",")]
     results = []
     for model in a.models.split(","):
         base, tok, windows, rb = float_reference(model, a.seqlen, a.windows)
-        res = {"model": model, "float": rb.ppl, "ppl": {}, "bytes_read": {}, "times": {}}
+        res = {"model": model, "float": rb.ppl, "ppl": {}, "bytes_read": {}, "times": {},
+               "options": json.loads(a.options)}
         calib_cfg = {"samples": a.calib_samples, "seqlen": a.seqlen}
         calib = api.calibration_ids(tok, Recipe(model=model, method="gptq", calibration=calib_cfg))
         work = Path(tempfile.mkdtemp(prefix="moeq-mat-"))
         try:
-            for label, opts in (("matryoshka", {}), ("floor", {"mode": "data_free"})):
+            for label, opts in (("matryoshka", json.loads(a.options)), ("floor", {"mode": "data_free"})):
                 recipe = Recipe(model=model, method="matryoshka", options=opts, calibration=calib_cfg)
                 t = time.perf_counter()
                 api.quantize_model(copy.deepcopy(base), work / label, recipe, tokenizer=tok, source=model,

@@ -137,11 +137,11 @@ class TestMatryoshkaQuantizer(QuantizerConformance):
     # floor parent's (the price of nesting, see the module); floors measured minus ~0.5 dB
     configs = [("data-free sym", MatryoshkaConfig(mode="data_free"), 43.0),
                ("data-free asym", MatryoshkaConfig(mode="data_free", sym=False), 43.0),
-               ("data-driven sym", MatryoshkaConfig(), 17.3),
-               ("data-driven asym per-row", MatryoshkaConfig(sym=False, group_size=0), 16.0),
-               ("data-driven per-width", MatryoshkaConfig(feedback="per_width"), 15.0),
-               ("data-driven per-width asym per-row", MatryoshkaConfig(feedback="per_width", sym=False,
-                                                                        group_size=0), 15.0)]
+               ("data-driven averaged", MatryoshkaConfig(feedback="averaged"), 17.3),
+               ("data-driven averaged asym per-row", MatryoshkaConfig(feedback="averaged", sym=False, group_size=0),
+                16.0),
+               ("data-driven per-width (default)", MatryoshkaConfig(), 15.0),
+               ("data-driven per-width asym per-row", MatryoshkaConfig(sym=False, group_size=0), 15.0)]
 
     def stats_for(self, cfg, x):
         return Stats(tokens=x.shape[0], values={"hessian": 2 * x.t() @ x / x.shape[0]}) if Q.needs_calibration(cfg) \

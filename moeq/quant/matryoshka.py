@@ -17,10 +17,15 @@ method note's exhaustive search returns the same codes). No search over the 256 
 
 Two modes:
   - ``data_free``: the floor parent of the weight (the strongest data-free baseline).
-  - ``data_driven`` (default): GPTQ (``moeq.quant.gptq``) with ``NestedGrid``: each column's parent is the floor
-    parent of the column as updated by the earlier columns' errors (the multi-width minimizer, above), and the
-    error fed back is w - the λ-weighted AVERAGE of deq_r over ``widths`` (MatGPTQ's averaged residual), so the
-    compensation serves every width; λ trades the 8-bit quality for the low widths'.
+  - ``data_driven`` (default): GPTQ (``moeq.quant.gptq``) on the nested grid, in one of two ways (``feedback``):
+    ``per_width`` (default, ``WidthStates``): one error state per width, each copy of the weights fed its own
+    width's residual, one parent per weight chosen for sum_r λ_r (w_r - deq_r(q))^2; ``averaged`` (MatGPTQ,
+    ``NestedGrid``): one state, each column's parent the floor parent of the updated column and the error fed
+    back w - the λ-weighted AVERAGE of deq_r over ``widths``. The averaged residual is dominated by the low widths'
+    large errors, so the 8-bit model carries compensation made for 2-bit errors: on SmolLM2-135M (g64, 4 kept
+    columns, 16 windows) it gave r = 8 / 4 / 3 / 2 ppl 14.70 / 15.78 / 24.87 / 4881 against per_width's
+    13.73 / 15.52 / 25.28 / 3384 (int8 13.53, GPTQ-4 15.46); on tiny-moe per_width is better at every width too
+    (benchmarks/results/matryoshka_*.json). per_width costs R GPTQ states (4.5x the time at 5 widths).
 Scales (and offsets) are rounded to float16 before the codes are chosen, so the codes decode bit-exactly.
 
 Outlier columns (data-driven, ``outliers`` k, default 4): the k inputs of largest mean squared activation (diag H)
@@ -138,7 +143,8 @@ class WidthStates:
     optimum of its own width) and, for each width, the widest copy's floor parent clamped into that width's
     bucket (the coarse choice kept, the fine bits as the widest width wants them); copy r gets deq_r(q) back,
     so its residual is its own. Unlike the averaged residual (``NestedGrid`` with several λ, MatGPTQ), the 8-bit
-    model never carries compensation made for 2-bit errors."""
+    model never carries compensation made for 2-bit errors. Kept columns (``gptq(keep=k)``) are exact in every
+    copy; the artifact stores the first (widest) copy's values, read at every width."""
 
     sym: bool = True
     weights: tuple[tuple[int, float], ...] = ((PARENT_BITS, 1.0),)
@@ -216,19 +222,19 @@ class MatryoshkaConfig(GPTQOptions):
     widths: tuple[int, ...] = Field(WIDTHS, description="the widths the parent is fitted for and may be read at "
                                                         "(descending, 8 first)")
     feedback: Literal["per_width", "averaged"] = Field(
-        "averaged", description="data-driven GPTQ: one state fed the λ-averaged residual (averaged, MatGPTQ), or "
-                                "one error state per width, each fed its own residual (per_width: lower output "
-                                "error at every width on a synthetic layer; not yet measured on a model)")
+        "per_width", description="data-driven GPTQ: one error state per width, each fed its own residual "
+                                 "(per_width), or one state fed the λ-averaged residual (averaged, MatGPTQ: faster, "
+                                 "worse at every width on SmolLM2 and tiny-moe)")
     weights: tuple[float, ...] | None = Field(
-        None, description="data-driven: λ per width (as ``widths``) of the averaged residual; null = the default "
-                          "per width (8: 2, others 1)")
+        None, description="data-driven: λ per width (as ``widths``): the weight of each width's error in the parent "
+                          "choice (and, averaged, in the residual); null = the default per width (8: 2, others 1)")
     group_size: Literal[0, 64, 128] = Field(64, description="inputs per scale group; 0 = one per row (64 and 128 "
                                                             "run the LUT kernel at 2, 3 and 4 bits)")
     sym: bool = Field(True, description="symmetric [-absmax, absmax] groups (one LUT per width, the LUT kernel); "
                                         "false: [min, max] with a float16 offset per group")
     mode: Literal["data_free", "data_driven"] = Field(
         "data_driven", description="data_free: the floor parent (nearest level at every width); data_driven: GPTQ "
-                                   "on the nested grid, feeding back the λ-averaged residual")
+                                   "on the nested grid on calibration data (see feedback)")
     outliers: int | None = Field(
         None, ge=0, le=64, description="data-driven: input columns of largest mean squared activation kept in 16 bits "
                                        "at every width (GPTQ compensates into them); null = 4 (data_driven), 0 "
