@@ -8,6 +8,8 @@ Weight: Gaussian, symmetric groups of 64 (the method's default), the data-free f
 ``MatryoshkaLinear``: r in {2, 3, 4} runs the LUT kernel route (``moeq.kernels.lut_linear``), r = 5..8 the uint8
 group-scaled C++ matvec for a few tokens and tile dequantization + GEMM above (``moeq.kernels.cpu.u8_*``). bf16 activations. As ../shared/anchors/PROTOCOL.md: everything built first, then
 ``--rounds`` interleaved rounds of torch.utils.benchmark blocked_autorange; reported = the min of the round medians.
+Rows "+4 kept" add 4 kept 16-bit input columns (the data-driven default's layout: ``cols`` / ``col_values``, the
+runtime's extra ``x[:, cols] @ col_delta.T``) to the same codes.
 Also the batch-1 bound: the bytes the runtime holds for the weight / the measured copy bandwidth. Writes
 benchmarks/results/matryoshka_speed.json.
 """
@@ -53,12 +55,17 @@ def main():
     cfg = q.Config(mode="data_free")
     qt = q.quantize(w, cfg, None)
     codec = CODECS.get("bitplanes")()
-    parts, meta = codec.encode(qt)
+    cols = torch.tensor([5, 777, 2048, 4000], dtype=torch.int32)
+    kept = type(qt)(qt.shape, {**qt.tensors, "cols": cols, "col_values": w[:, cols.long()].half()},
+                    {**qt.meta, "outliers": 4})
     mods = {}
-    for r in (8, 4):
-        names = codec.parts_at(sorted(parts), meta, r)
-        back = codec.decode({k: parts[k] for k in names}, meta, qt.shape, codec.version)
-        mods[f"matryoshka r={r}"] = runtime_module("bitplanes", back, None, {}, "matryoshka").to(torch.bfloat16)
+    for label, src in (("", qt), (" +4 kept", kept)):
+        parts, meta = codec.encode(src)
+        for r in (8, 4):
+            names = codec.parts_at(sorted(parts), meta, r)
+            back = codec.decode({k: parts[k] for k in names}, meta, qt.shape, codec.version)
+            mods[f"matryoshka r={r}{label}"] = runtime_module("bitplanes", back, None, {}, "matryoshka").to(
+                torch.bfloat16)
     wb = w.to(torch.bfloat16)
     fns = {"bf16 dense": lambda x: F.linear(x, wb), **{k: m for k, m in mods.items()}}
     held = {k: sum(b.numel() * b.element_size() for b in m.buffers()) for k, m in mods.items()}

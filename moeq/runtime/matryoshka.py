@@ -21,8 +21,9 @@ Three routes, fixed at construction from the width, the grid and the shape (neve
   row tile at a time into one buffer in x's dtype, then one ``F.linear``.
 
 Kept columns (an entry with ``outliers`` k > 0): the main route runs the codes as they are in every column, and
-``x[..., cols] @ col_delta.T`` adds the difference between the stored 16-bit weights of those k columns and what
-their codes decode to at this width (``col_delta`` float32 [out, k], formed once at load): one small GEMM.
+``x[..., cols] @ col_delta`` adds the difference between the stored 16-bit weights of those k columns and what
+their codes decode to at this width (``col_delta`` [k, out], formed once at load in float32, then in the module's
+compute dtype like the bias): one ``addmm`` on the main route's output.
 
 All three round the float32 weight once to the compute dtype: a forward equals ``F.linear(x, dequantized(x.dtype))``
 up to GEMM summation order. Buffers that are the code keep their dtypes through ``.to(dtype)``; ``bias`` follows.
@@ -43,7 +44,7 @@ from moeq.runtime.nupes import kernel_group
 from moeq.runtime.packed import PackedLinear
 
 TILE_BYTES = 4 << 20           # fallback: float32 weight rows decoded per step
-EXACT = ("packed", "qweight", "codes", "scales", "scale", "offset", "lut", "cols", "col_delta")  # dtype = format
+EXACT = ("packed", "qweight", "codes", "scales", "scale", "offset", "lut", "cols")  # buffers whose dtype is the format
 U8_BITS = range(5, 9)          # the widths the uint8 route runs (symmetric)
 
 
@@ -85,7 +86,7 @@ class MatryoshkaLinear(PackedLinear):
             self.register_buffer("offset", None if self.sym else t["offset"].contiguous())
         cols = t.get("cols")
         self.register_buffer("cols", None if cols is None else cols.long())
-        self.register_buffer("col_delta", None if cols is None else self._col_delta(t, cols.long()))
+        self.register_buffer("col_delta", None if cols is None else self._col_delta(t, cols.long()).T.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def _col_delta(self, t: dict, cols: torch.Tensor) -> torch.Tensor:
@@ -109,7 +110,7 @@ class MatryoshkaLinear(PackedLinear):
         w = self._coded(dtype if self.cols is None else torch.float32)
         if self.cols is None:
             return w
-        w[:, self.cols] += self.col_delta
+        w[:, self.cols] += self.col_delta.T.float()
         return w.to(dtype)
 
     def _coded(self, dtype: torch.dtype) -> torch.Tensor:
@@ -161,5 +162,7 @@ class MatryoshkaLinear(PackedLinear):
         else:
             y = F.linear(x, self._coded(x.dtype))
         if self.cols is not None:
-            y = y + x[..., self.cols] @ self.col_delta.to(x.dtype).T
+            y2 = y.reshape(-1, self.out_features)
+            y = torch.addmm(y2, x.reshape(-1, self.in_features).index_select(1, self.cols),
+                            self.col_delta.to(x.dtype)).view(y.shape)
         return y if self.bias is None else y + self.bias.to(y.dtype)
