@@ -167,7 +167,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: ColumnGrid, *, group_size: int 
     if keep and not (static_groups or not group_size):
         raise ValueError("keep needs static groups (the kept columns are moved to the end)")
     if not 0 <= keep < w.shape[-1]:
-        raise ValueError(f"keep {keep}: between 0 and the {w.shape[-1] - 1} inputs less one")
+        raise ValueError(f"keep {keep}: must be in 0..{w.shape[-1] - 1} (fewer than the {w.shape[-1]} inputs)")
     opts = {"group_size": group_size, "block_size": block_size, "percdamp": percdamp, "act_order": act_order,
             "static_groups": static_groups, "keep": keep}
     if w.ndim == 2:

@@ -24,8 +24,10 @@ Two modes:
     back w - the λ-weighted AVERAGE of deq_r over ``widths``. The averaged residual is dominated by the low widths'
     large errors, so the 8-bit model carries compensation made for 2-bit errors: on SmolLM2-135M (g64, 4 kept
     columns, 16 windows) it gave r = 8 / 4 / 3 / 2 ppl 14.70 / 15.78 / 24.87 / 4881 against per_width's
-    13.73 / 15.52 / 25.28 / 3384 (int8 13.53, GPTQ-4 15.46); on tiny-moe per_width is better at every width too
-    (benchmarks/results/matryoshka_*.json). per_width costs R GPTQ states (4.5x the time at 5 widths).
+    13.73 / 15.52 / 25.28 / 3384 (int8 13.53, GPTQ-4 15.46); on tiny-moe (32 windows, both with kept columns)
+    averaged 67.52 / 67.53 / 67.53 / 67.79 / 69.54 at r = 8 / 6 / 4 / 3 / 2 against per_width's 67.39 / 67.43 /
+    67.52 / 67.66 / 68.69 (benchmarks/results/matryoshka_tiny-moe{,_averaged}.json). per_width costs R GPTQ
+    states (4.5x the time at 5 widths on SmolLM2).
 Scales (and offsets) are rounded to float16 before the codes are chosen, so the codes decode bit-exactly.
 
 Outlier columns (data-driven, ``outliers`` k, default 4): the k inputs of largest mean squared activation (diag H)
@@ -59,9 +61,11 @@ from moeq.registry import QUANTIZERS
 
 PARENT_BITS = 8
 WIDTHS = (8, 6, 4, 3, 2)
-# default λ per width (data-driven mode). The r = 2 error dominates the averaged residual, and the 8-bit model pays
-# for its compensation; twice the weight on 8 bits keeps it within 0.25% ppl of plain int8 on tiny-moe (equal λ:
-# +0.34%, λ_8 = 4: +0.18% but r = 2 gains half as much; 2x on r = 2: +0.52%), see the ``weights`` option
+# default λ per width (data-driven mode), tuned with the averaged residual (no kept columns): the r = 2 error
+# dominates that residual, and the 8-bit model pays for its compensation; twice the weight on 8 bits kept it within
+# 0.25% ppl of plain int8 on tiny-moe (equal λ:
+# +0.34%, λ_8 = 4: +0.18% but r = 2 gains half as much; 2x on r = 2: +0.52%). With per_width on SmolLM2,
+# λ_8 = 8 moved r = 8 from +1.46% to +0.96% of int8 and r = 3 from 25.28 to 26.72; see the ``weights`` option
 DEFAULT_WEIGHTS = {8: 2.0, 7: 1.0, 6: 1.0, 5: 1.0, 4: 1.0, 3: 1.0, 2: 1.0}
 # input columns kept in 16 bits (data-driven). Real LLMs have a few "massive activation" channels (SmolLM2-135M: the
 # top input's mean square is 300-2300x the median); a weight error there is multiplied by a huge input, and the

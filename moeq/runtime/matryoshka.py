@@ -38,7 +38,7 @@ from moeq.formats import bitpack
 from moeq.kernels import cpu
 from moeq.kernels import lut as lut_kernels
 from moeq.quant.base import QTensor
-from moeq.quant.matryoshka import PARENT_BITS, nested_dequantize, width_lut
+from moeq.quant.matryoshka import PARENT_BITS, decode, nested_dequantize, width_lut
 from moeq.registry import RUNTIMES
 from moeq.runtime.nupes import kernel_group
 from moeq.runtime.packed import PackedLinear
@@ -91,12 +91,9 @@ class MatryoshkaLinear(PackedLinear):
 
     def _col_delta(self, t: dict, cols: torch.Tensor) -> torch.Tensor:
         """float32 [out, k]: the kept columns' stored weights minus what their codes decode to at this width."""
-        g = self.group_size or self.in_features
-        groups = cols // g
-        coded = width_lut(self.bits, self.sym)[t["codes"][:, cols].long()] * t["scale"][:, groups].float()
-        if not self.sym:
-            coded = coded + t["offset"][:, groups].float()
-        return t["col_values"].float() - coded
+        groups = cols // (self.group_size or self.in_features)
+        offset = None if self.sym else t["offset"][:, groups]
+        return t["col_values"].float() - decode(t["codes"][:, cols], self.bits, t["scale"][:, groups], offset)
 
     def extra_repr(self) -> str:
         route = "lut_linear" if self.kernel_group is not None else "u8_matvec" if self.u8 else "dequantize+linear"
@@ -104,9 +101,9 @@ class MatryoshkaLinear(PackedLinear):
                 f"sym={self.sym}, route={route}, outliers={0 if self.cols is None else self.cols.numel()}, "
                 f"bias={self.bias is not None}")
 
-
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The effective [out, in] weight in ``dtype`` (computed in float32, rounded once)."""
+        """The effective [out, in] weight in ``dtype`` (computed in float32, rounded once; the kept columns' delta is
+        in the module's compute dtype, as ``forward`` adds it)."""
         w = self._coded(dtype if self.cols is None else torch.float32)
         if self.cols is None:
             return w
