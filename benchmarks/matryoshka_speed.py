@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
+from moeq.eval.speed import memory_bandwidth
 from moeq.registry import CODECS, QUANTIZERS, load_builtins
 from moeq.runtime.build import runtime_module
 
@@ -33,14 +34,6 @@ N = K = 4096
 def timed(fn, x, threads: int) -> float:
     t = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
     return t.blocked_autorange(min_run_time=0.4).median
-
-
-def copy_bandwidth(threads: int) -> float:
-    """GB/s of a 256 MiB tensor copy (read + write)."""
-    a = torch.empty(64 << 20, dtype=torch.float32)
-    b = torch.empty_like(a)
-    s = Timer("b.copy_(a)", globals={"a": a, "b": b}, num_threads=threads).blocked_autorange(min_run_time=0.5).median
-    return 2 * a.numel() * 4 / s / 1e9
 
 
 def main():
@@ -84,7 +77,7 @@ def main():
                 best[name] = min(best[name], timed(fn, x, a.threads))
         for name in fns:
             results.setdefault(name, {})[f"M={m_rows}"] = best[name]
-    bw = copy_bandwidth(a.threads)
+    bw = memory_bandwidth() / 1e9     # 256 MiB copy, read + write, at torch.set_num_threads(a.threads)
     print(f"4096x4096, bf16 activations, {a.threads} threads, copy bandwidth {bw:.1f} GB/s")
     print("| layer | held MiB | M=1 ms | vs bf16 | batch-1 bound ms | of bound | M=64 ms | vs bf16 |")
     print("|---|---|---|---|---|---|---|---|")
