@@ -1,5 +1,6 @@
 """LLM.int8: codec conformance, quantizer conformance, and the runtime's mixed-precision decomposition."""
 
+import pytest
 import torch
 
 from moeq.quant.base import QTensor, Stats
@@ -159,15 +160,18 @@ def _absmax_rows_whole(w):
     return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
 
-def test_absmax_rows_blocks_equal_the_whole_matrix_formula():
+@pytest.mark.parametrize("route", ["torch", "auto"])  # auto: moeq's C++ kernel where it builds
+def test_absmax_rows_blocks_equal_the_whole_matrix_formula(route, monkeypatch):
     from moeq.quant.int8 import BLOCK, absmax_rows
+    monkeypatch.setenv("MOEQ_KERNEL", route)
     threads = torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
     big = torch.randn(3 * BLOCK // 1000 + 7, 1000, generator=g) * 0.02  # several blocks and a ragged last one
     big[5] = 0.0                                                          # an all-zero row: scale 1e-12 / 127
     cases = [big, big.bfloat16(), big.half(), big.t()[:300],              # bf16 / fp16 upcast per block; strided
              torch.randn(2, BLOCK + 3, generator=g),                      # rows wider than a block
-             torch.randn(1, 1, generator=g)]
+             torch.randn(1, 1, generator=g), big[:, :999],                # one element more than / less than a
+             big[:, 1:17], big[:40, :16]]                                 # vector; row stride != K
     for w in cases:
         codes, scale = absmax_rows(w)
         ref_codes, ref_scale = _absmax_rows_whole(w)

@@ -199,6 +199,24 @@ def test_checkpoint_lacking_a_tensor_fails_in_one_line(published, tmp_path, drop
     assert not (tmp_path / "o").exists()
 
 
+def test_expert_stacks_are_reused_only_once_released(published):
+    """The reader fills a released [E, ...] stack again instead of allocating one (fresh pages cost a fault each),
+    and never one that a parameter, a view or a name still holds."""
+    from moeq.models.stream import CheckpointReader
+    reader = CheckpointReader(published)
+    a, b = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.gate_up_proj"
+    t0 = reader.tensor(a)
+    ptr, want = t0.data_ptr(), t0.clone()
+    held = t0[0]                                   # a view holds the storage: no reuse
+    t1 = reader.tensor(b)
+    assert t1.data_ptr() != ptr and torch.equal(reader.tensor(a), want)
+    p = torch.nn.Parameter(t1, requires_grad=False)  # as materialize installs it
+    del held, t0, t1
+    t2 = reader.tensor(a)                          # layer 0's stack is free again; layer 1's is held by p
+    assert t2.data_ptr() == ptr and torch.equal(t2, want)
+    assert p.data_ptr() != ptr and torch.equal(p, reader.tensor(b))
+
+
 def test_converter_chains_beyond_the_in_place_merge_run_transformers_ops(published):
     """Expert merges followed by other operations stack each source in place, then run the rest of the chain with
     transformers' own ``WeightConverter.convert``: the same tensors as the in-place merge."""

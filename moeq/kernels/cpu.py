@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 SOURCE = r"""
+#include <algorithm>
 #include <cstdint>
 #include <cmath>
 #include <cstdlib>
@@ -752,6 +753,44 @@ inline void u8_row_portable(const uint8_t* row, const float* s, int64_t G, int64
 
 }  // namespace
 
+// Per-row symmetric int8 of a weight (moeq.quant.int8.absmax_rows): s = max(max_k |w|, 1e-12) / 127 in float32,
+// codes = rint(w / s) (a true division, half to even: torch's `div_` then `round_`; |w / s| rounds to at most 127).
+// w [N, K] float32 / bfloat16 / float16 with row stride ld (elements); codes [N, K] int8; scale [N]. NaN weights
+// give an unspecified row (torch's route gives a NaN scale).
+template <int DT>
+inline void absmax_row(const void* w, int64_t K, int8_t* c, float* scale) {
+  float a = 0.f;
+  int64_t k = 0;
+#ifdef MOEQ_AVX512
+  auto load16 = [&](int64_t i, __mmask16 m) -> __m512 {
+    if (DT == F32) return _mm512_maskz_loadu_ps(m, (const float*)w + i);
+    const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)w + i);
+    if (DT == F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  };
+  __m512 va = _mm512_setzero_ps();
+  for (; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+    va = _mm512_max_ps(va, _mm512_abs_ps(load16(k, m)));
+  }
+  a = _mm512_reduce_max_ps(va);
+#else
+  for (; k < K; ++k) a = std::max(a, std::fabs(load_elem(w, k, DT)));
+#endif
+  const float s = std::max(a, 1e-12f) / 127.0f;
+  *scale = s;
+#ifdef MOEQ_AVX512
+  const __m512 vs = _mm512_set1_ps(s);
+  for (k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+    const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load16(k, m), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_mask_storeu_epi8(c + k, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+  }
+#else
+  for (k = 0; k < K; ++k) c[k] = (int8_t)std::nearbyint(load_elem(w, k, DT) / s);
+#endif
+}
+
 extern "C" {
 
 int moeq_lut_avx512() {
@@ -818,6 +857,18 @@ void moeq_lut_dequant(const uint8_t* packed, int64_t r0, int64_t r1, int64_t K, 
   }
 }
 
+
+void moeq_absmax_rows(const void* w, int dtype, int64_t N, int64_t K, int64_t ld, int8_t* codes, float* scale,
+                      int threads) {
+  const int64_t esize = dtype == F32 ? 4 : 2;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < N; ++n) {
+    const void* row = (const char*)w + n * ld * esize;
+    if (dtype == F32) absmax_row<F32>(row, K, codes + n * K, scale + n);
+    else if (dtype == BF16) absmax_row<BF16>(row, K, codes + n * K, scale + n);
+    else absmax_row<F16>(row, K, codes + n * K, scale + n);
+  }
+}
 
 int moeq_int8_vnni() {
 #ifdef MOEQ_VNNI
@@ -987,6 +1038,7 @@ _SIGNATURES = {
     "moeq_td_decode": ([_P, _I64, _I64, _INT, _P, _INT], None),
     "moeq_u8_matvec": ([_P, _INT, _I64, _I64, _P, _I64, _P, _I64, _FLOAT, _P, _INT, _INT], None),
     "moeq_u8_dequant": ([_P, _I64, _I64, _I64, _P, _I64, _FLOAT, _INT, _P, _INT], None),
+    "moeq_absmax_rows": ([_P, _INT, _I64, _I64, _I64, _P, _P, _INT], None),
 }
 
 
@@ -1158,6 +1210,23 @@ def int8_matvec(layer: tuple, x2: torch.Tensor, out_dtype: torch.dtype | None = 
     library().moeq_int8_matvec(addr, x2.data_ptr(), DTYPES[x2.dtype], m, y.data_ptr(), DTYPES[out_dtype],
                                int8_threads(st.N * st.K))
     return y
+
+
+# ---------------------------------------------------------------- LLM.int8 weights: per-row absmax codes
+def absmax_rows(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> None:
+    """Per-row symmetric int8 of ``w`` [N, K] (float32 / bfloat16 / float16 on the CPU, rows contiguous) into
+    ``codes`` int8 [N, K] and ``scale`` float32 [N], in one pass over w (formula: ``moeq_absmax_rows`` in SOURCE,
+    the same values as :func:`moeq.quant.int8.absmax_rows`' torch route)."""
+    n, k = w.shape
+    if w.dtype not in DTYPES or w.device.type != "cpu" or (k > 1 and w.stride(1) != 1):
+        raise ValueError(f"w must be a CPU float32/bfloat16/float16 [N, K] with contiguous rows, got {w.dtype} "
+                         f"{list(w.shape)} on {w.device}")
+    if not (codes.is_contiguous() and scale.is_contiguous() and tuple(codes.shape) == (n, k)
+            and tuple(scale.shape) == (n,) and codes.dtype == torch.int8 and scale.dtype == torch.float32):
+        raise ValueError("codes must be a contiguous int8 [N, K] and scale a contiguous float32 [N]")
+    if n and k:
+        library().moeq_absmax_rows(w.data_ptr(), DTYPES[w.dtype], n, k, w.stride(0), codes.data_ptr(),
+                                   scale.data_ptr(), torch.get_num_threads())
 
 
 # ---------------------------------------------------------------- ternary-dict (QMoE): compute from the codewords

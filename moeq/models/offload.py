@@ -53,7 +53,7 @@ class Offload:
             if temp:
                 remove_with(model, self.dir)
         if self.disk:  # layers come and go for every forward: give their memory back to the OS each time
-            from moeq.models.stream import bound_heap
+            from moeq.heap import bound_heap
             bound_heap()
 
     def owner(self, module: str) -> str | None:
@@ -69,7 +69,7 @@ class Offload:
     def _offload_layer(self, prefix: str) -> None:
         from accelerate.utils import offload_weight, set_module_tensor_to_device
 
-        from moeq.models.stream import trim_heap
+        from moeq.heap import trim_heap
         layer = self.model.get_submodule(prefix)
         for name, t in layer.state_dict(keep_vars=True).items():
             if t is None or t.device.type == "meta":

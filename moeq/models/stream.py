@@ -18,7 +18,7 @@ so it is the only full-size allocation; other operation chains run transformers'
 from __future__ import annotations
 
 import json
-import os
+import sys
 from collections.abc import Iterator
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from moeq.errors import ModelLoadError
+from moeq.heap import empty, trim_heap
 
 # safetensors dtype names
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -109,6 +110,7 @@ class CheckpointReader:
         self._handles: dict[Path, object] = {}
         self.bytes_read = 0
         self.dtypes: dict[str, torch.dtype] = {}  # checkpoint dtype of each model tensor read (kept tensors keep it)
+        self._stacks: dict[tuple, list[torch.Tensor]] = {}  # _merge's [E, ...] buffers, reused once released
 
     def _handle(self, key: str):
         f = self.key_file[key]
@@ -142,6 +144,7 @@ class CheckpointReader:
         """(name, tensor or None if the checkpoint lacks it) for each of ``names``, one source at a time: a tensor
         built together with others (q, k, v chunked from one qkv) is kept until asked for within this call."""
         made: dict[str, torch.Tensor] = {}
+        self._stacks_used: set[int] = set()
         for name in names:
             if name not in made:
                 src = self.sources.get(name)
@@ -153,6 +156,7 @@ class CheckpointReader:
                 finally:
                     self.close()
             yield name, made.pop(name, None)
+        self._drop_stale_stacks()
 
     def _read(self, src: Source, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         conv = src.converter
@@ -198,7 +202,7 @@ class CheckpointReader:
         widths = [s[cat - 1] for s, _ in metas] if cat is not None else [None]
         if cat is not None:
             shape[cat - 1] = sum(widths)
-        out = torch.empty(n, *shape, dtype=dtype if dtype is not None and src_dtype.is_floating_point else src_dtype)
+        out = self._stack((n, *shape), dtype if dtype is not None and src_dtype.is_floating_point else src_dtype)
         for e in range(n):
             off = 0
             for p, w in zip(patterns, widths):
@@ -206,6 +210,29 @@ class CheckpointReader:
                 dst.copy_(self._get(src.keys[p][e]))
                 off += w or 0
         return out
+
+    def _stack(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized [E, ...] buffer for ``_merge``: one that an earlier group filled and nothing holds any
+        more (the model released that layer), else a fresh one, kept for the next group. The decoder layers of a
+        model share their expert shapes, so from the second layer on no stack is allocated: fresh memory is faulted
+        in and zeroed page by page on first write (a stack filled at ~2.3 GB/s on this machine, a reused one at
+        ~7 GB/s). Memory: the same one layer, held from its release to the next group's read."""
+        pool = self._stacks.setdefault((tuple(shape), dtype), [])
+        for i in range(len(pool)):
+            if id(pool[i]) not in self._stacks_used and _unheld(pool, i):
+                self._stacks_used.add(id(pool[i]))
+                return pool[i]
+        t = empty(shape, dtype)
+        pool.append(t)
+        self._stacks_used.add(id(t))
+        return t
+
+    def _drop_stale_stacks(self) -> None:
+        """Forget the buffers this read did not reuse that nothing else holds (shapes of an earlier kind of layer)."""
+        for key, pool in list(self._stacks.items()):
+            pool[:] = [t for i, t in enumerate(pool) if id(t) in self._stacks_used or not _unheld(pool, i)]
+            if not pool:
+                del self._stacks[key]
 
     def _convert(self, src: Source, collected: dict[str, list[torch.Tensor]], ops) -> dict[str, torch.Tensor]:
         """Run ``ops`` of the source's converter on ``collected`` with transformers' ``WeightConverter.convert``
@@ -216,6 +243,16 @@ class CheckpointReader:
         collected.clear()
         out = conv.convert(src.target, model=self.model, config=self.model.config)
         return {n: t[0] if isinstance(t, list) else t for n, t in out.items()}
+
+
+def _unheld(pool: list[torch.Tensor], i: int) -> bool:
+    """Whether ``pool[i]`` is referenced by nothing but ``pool``: no other Python name for the tensor, and no other
+    tensor (a model parameter, a view, a quantizer's slice) on its storage. Where torch offers no storage use
+    count, never (no reuse)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return False
+    return sys.getrefcount(pool[i]) <= 2 and count(pool[i].untyped_storage()._cdata) <= 2  # + the probes' own
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -316,29 +353,3 @@ def release(module: torch.nn.Module) -> None:
     back to the OS (glibc keeps it otherwise, and the resident set grows layer after layer)."""
     module.to("meta")
     trim_heap()
-
-
-def bound_heap(threshold: int | None = None) -> None:
-    """Serve allocations of ``threshold`` bytes and more by mmap, so each freed layer-sized tensor goes back to the
-    OS at once (glibc's default threshold adapts upwards to 32 MB, and freed blocks below it stay in the heap).
-    Default: ``MOEQ_MMAP_THRESHOLD_MB`` (1); 0 keeps glibc's behaviour: faster calibrated runs, higher peak RSS
-    (calibrated int8 of an 8-layer cut of benchmarks/scale.py's checkpoint: 42 s / 2.0 GB instead of 54 s / 1.15 GB)."""
-    import ctypes
-    if threshold is None:
-        threshold = int(float(os.environ.get("MOEQ_MMAP_THRESHOLD_MB", "1")) * 2**20)
-    if threshold <= 0:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def trim_heap() -> None:
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -65,7 +65,7 @@ def evaluate_many(targets: list[tuple[str | None, int | None]], baseline: str | 
     from moeq.eval.memory import PhasePeak
     from moeq.eval.perplexity import compare, tokenize_windows
     from moeq.eval.speed import effective_bandwidth, measure_speed, memory_bandwidth
-    from moeq.models.stream import trim_heap
+    from moeq.heap import trim_heap
 
     if not targets:
         raise MoeqError("nothing to evaluate")

@@ -27,8 +27,9 @@ def quantize(recipe: Recipe, out: str | Path, reporter: Reporter = Reporter(), f
     ``fresh`` discards the resume state of an interrupted run instead of continuing it. The result's
     ``seconds`` count from here: loading included."""
     from moeq.errors import ModelLoadError
+    from moeq.heap import bound_heap
     from moeq.models.loader import hub_reachable, hub_unreachable, load_config, load_model, load_tokenizer, resolve
-    from moeq.models.stream import CheckpointReader, bound_heap, build_empty
+    from moeq.models.stream import CheckpointReader, build_empty
     from moeq.paths import check_output_dir
     t0 = time.perf_counter()
     recipe.methods()  # bad methods and options fail before any loading

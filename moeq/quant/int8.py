@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from moeq.heap import empty
 from moeq.quant.base import CalibSpec, MethodConfig, QTensor, Quantizer, Stats
 from moeq.quant.stats import AbsMaxHits
 from moeq.registry import QUANTIZERS
@@ -44,19 +45,28 @@ BLOCK = 1 << 17  # elements per block of rows (512 KB of float32: stays in cache
 
 
 def absmax_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-row symmetric int8: codes [out, in] int8, scale [out] fp32 (w ~= codes * scale[:, None]).
-    Computed in float32 a block of rows at a time (``w`` may be bf16 or fp16: each block is upcast exactly), so
-    the temporaries stay in cache: the same values as whole-matrix ops, several times faster on large weights."""
+    """Per-output-row symmetric int8: codes [out, in] int8, scale [out] fp32 (w ~= codes * scale[:, None]),
+    s = max|w_row| / 127 and codes = round(w / s) in float32 (``w`` may be bf16 or fp16: upcast exactly).
+    On the CPU one pass of moeq's C++ kernel (``moeq.kernels.cpu.absmax_rows``) where the kernel route is ``cpp``;
+    else torch a block of rows at a time, so the temporaries stay in cache (several times faster than whole-matrix
+    ops on large weights). No clamp of the codes: |w / s| <= 127 up to one rounding of the division."""
     out_f, in_f = w.shape
-    codes = torch.empty(out_f, in_f, dtype=torch.int8, device=w.device)
+    cpu = w.device.type == "cpu"
+    codes = empty((out_f, in_f), torch.int8) if cpu else torch.empty(out_f, in_f, dtype=torch.int8, device=w.device)
     scale = torch.empty(out_f, dtype=torch.float32, device=w.device)
-    step = max(1, BLOCK // max(in_f, 1)) if w.device.type == "cpu" else max(out_f, 1)
-    with one_thread(w.device.type == "cpu"):
+    if cpu and w.dtype in (torch.float32, torch.bfloat16, torch.float16) and (in_f <= 1 or w.stride(1) == 1):
+        from moeq.kernels import cpu as cpu_kernels
+        from moeq.kernels.lut import route_for
+        if route_for("cpu") == "cpp":
+            cpu_kernels.absmax_rows(w, codes, scale)
+            return codes, scale
+    step = max(1, BLOCK // max(in_f, 1)) if cpu else max(out_f, 1)
+    with one_thread(cpu):
         for r in range(0, out_f, step):
             blk = w[r:r + step].to(torch.float32, copy=True)
-            s = blk.abs().amax(dim=1).clamp_(min=1e-12) / QMAX
+            s = blk.abs().amax(dim=1).clamp_(min=1e-12).div_(QMAX)
             scale[r:r + step] = s
-            codes[r:r + step] = blk.div_(s[:, None]).round_().clamp_(-QMAX, QMAX)
+            codes[r:r + step] = blk.div_(s[:, None]).round_()
     return codes, scale
 
 
