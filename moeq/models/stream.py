@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Iterator
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ class CheckpointReader:
         self.bytes_read = 0
         self.dtypes: dict[str, torch.dtype] = {}  # checkpoint dtype of each model tensor read (kept tensors keep it)
         self._stacks: dict[tuple, list[torch.Tensor]] = {}  # _merge's [E, ...] buffers, reused once released
+        self._lock = threading.RLock()  # one group read at a time (a prefetch thread reads while the caller releases)
 
     def _handle(self, key: str):
         f = self.key_file[key]
@@ -133,7 +135,8 @@ class CheckpointReader:
 
     def close(self) -> None:
         """Unmap the shards read so far (their touched pages would otherwise count towards the resident set)."""
-        self._handles.clear()
+        with self._lock:
+            self._handles.clear()
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """The model tensor ``name`` assembled from the checkpoint (floating point cast to ``dtype``; None keeps
@@ -144,19 +147,23 @@ class CheckpointReader:
         """(name, tensor or None if the checkpoint lacks it) for each of ``names``, one source at a time: a tensor
         built together with others (q, k, v chunked from one qkv) is kept until asked for within this call."""
         made: dict[str, torch.Tensor] = {}
-        self._stacks_used: set[int] = set()
+        used: set[int] = set()  # stacks handed out by this call
         for name in names:
             if name not in made:
                 src = self.sources.get(name)
                 if src is None:
                     yield name, None
                     continue
-                try:
-                    made.update(self._read(src, dtype))
-                finally:
-                    self.close()
+                with self._lock:
+                    self._stacks_used = used
+                    try:
+                        made.update(self._read(src, dtype))
+                    finally:
+                        self.close()
             yield name, made.pop(name, None)
-        self._drop_stale_stacks()
+        with self._lock:
+            self._stacks_used = used
+            self._drop_stale_stacks()
 
     def _read(self, src: Source, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         conv = src.converter

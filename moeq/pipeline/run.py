@@ -13,6 +13,10 @@ which SmoothQuant also takes from the float model) they are gathered on the floa
 one float forward per layer that feeds them also makes the next layer's inputs (no second pass through the
 packed weights).
 
+Data-free streaming reads the next decoder layer in a background thread while this one is quantized and the one
+before is written (``MOEQ_PREFETCH=0`` turns it off): two layers in memory instead of one, in return the reading and
+the quantizing share the cores instead of taking turns (benchmarks/scale.py).
+
 Resume: every finished group is a checksummed record in ``.<out>.moeq-tmp`` and is skipped on the next run.
 Workers: data-free runs split whole layers; calibrated runs split each layer's weights (rank 0 runs the
 forwards and broadcasts the statistics, then merges the parts) so the artifact is what one process writes.
@@ -25,6 +29,7 @@ import hashlib
 import json
 import os
 import signal
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +143,9 @@ class Run:
         self.task = None
         self.dtypes = reader.dtypes if reader is not None else {}
         self.fallbacks: list[str] = []
+        self.prefetch = (reader is not None and calib_ids is None and dist.world == 1
+                         and os.environ.get("MOEQ_PREFETCH", "1") != "0")
+        self._ahead: dict[str, Future] = {}  # group label -> its read, under way in the prefetch thread
 
     @property
     def calibrated(self) -> bool:
@@ -145,19 +153,34 @@ class Run:
 
     def execute(self) -> None:
         gc.freeze()  # what is alive now (modules, imports) is never garbage: the collection after each layer skips it
+        pool = ThreadPoolExecutor(1, thread_name_prefix="moeq-prefetch") if self.prefetch else None
         try:
             with self.reporter.task(f"quantize ({self.plan.recipe.method_label()})", len(self.plan.targets)) as task:
                 self.task = task
-                for g in self.groups:
+                for i, g in enumerate(self.groups):
+                    self._next = self.groups[i + 1] if pool is not None and i + 1 < len(self.groups) else None
+                    self._pool = pool
                     self.process(g)
             self.writer.flush()  # the last group on disk before the ranks meet and rank 0 commits
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             gc.unfreeze()
 
     # -- reading and releasing -------------------------------------------------------------------------------
     def materialize(self, g: Group) -> None:
         """Read the group's tensors: float32 where calibration computes with them, else in the checkpoint's dtype
         (quantizers take each 2-D weight to float32 themselves, so the bytes written are the same)."""
+        ahead = self._ahead.pop(g.label, None)
+        if ahead is not None:
+            ahead.result()
+        else:
+            self._read(g)
+        nxt = getattr(self, "_next", None)
+        if nxt is not None and nxt.index is not None and nxt.tensors:
+            self._ahead[nxt.label] = self._pool.submit(self._read, nxt)  # the next decoder layer, meanwhile
+
+    def _read(self, g: Group) -> None:
         from moeq.models.stream import materialize
         if self.reader is not None and g.tensors:
             computes = self.calibrated and g.label != "head"
