@@ -65,6 +65,9 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--options", default="{}", help="JSON options of (a), e.g. '{\"feedback\": \"averaged\"}'")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="copy each model's (a) artifact to KEEP/<model>/matryoshka (e.g. the decode benchmark's cache, "
+                         "/tmp/moeq-bench-decode)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     widths = [int(x) for x in a.widths.split(",")]
@@ -89,6 +92,10 @@ def main():
                     res["ppl"].setdefault(label, {})[r] = p
                     print(f"{model:13s} {label:10s} r={r}  ppl {p:12.4f}  x{p / rb.ppl:.4f}", flush=True)
                     del m
+            if a.keep is not None:
+                dest = a.keep / model / "matryoshka"
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.copytree(work / "matryoshka", dest)
             for r in widths:
                 res["bytes_read"][r] = nested_bytes_read(work / "matryoshka", r)
             for r in (4, 2):

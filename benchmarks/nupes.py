@@ -6,6 +6,13 @@
 Each config is BITS:GROUP (GROUP 0 = per row). Methods (``--methods``, comma-separated):
   rtn        uniform asymmetric min/max round-to-nearest          (moeq ``rtn``)
   rtn_mse    the same with each row's/group's range MSE-clipped   (moeq ``rtn -O clip=mse``)
+  rtn_absmax uniform SYMMETRIC absmax round-to-nearest on NUPES's own storage (one float16 scale per row/group, no
+             zero point: the same bits/param as NUPES): moeq ``nupes -O exponent=1 -O grid=sym``, the levels
+             -Q..Q with Q = 2^(b-1) - 1; at 2 bits, where sym has 3 levels, the 4 uniform levels +-0.5, +-1.5
+             (``grid=half``, a = 1). NUPES at a = 1 is exactly this quantizer, so nupes_df against it isolates the
+             exponent
+  nupes_df_sym  NUPES data-free on the symmetric grid (3+ bits)
+  nupes_df_mse  NUPES data-free with each row's/group's scale MSE-clipped for its exponent (``clip=mse``)
   nupes_df   NUPES data-free: per-weight exponent search, half-integer grid (moeq ``nupes``)
   nupes_dd   NUPES data-driven: GPTQ on the power grid + gradient refinement (moeq ``nupes -O mode=data_driven``)
   gptq       GPTQ on the uniform grid (moeq ``gptq``)
@@ -39,7 +46,10 @@ from reference import float_reference
 
 DEFAULT_CONFIGS = "4:64,3:64,2:64,4:0,3:0,2:0"
 DEFAULT_METHODS = "rtn,rtn_mse,nupes_df,nupes_dd,gptq,hqq,quanto"
-MOEQ = {"rtn": ("rtn", {}), "rtn_mse": ("rtn", {"clip": "mse"}), "nupes_df": ("nupes", {"mode": "data_free"}),
+MOEQ = {"rtn": ("rtn", {}), "rtn_mse": ("rtn", {"clip": "mse"}),
+        "rtn_absmax": ("nupes", {"mode": "data_free", "exponent": 1.0, "grid": "sym"}),
+        "nupes_df": ("nupes", {"mode": "data_free"}), "nupes_df_sym": ("nupes", {"mode": "data_free", "grid": "sym"}),
+        "nupes_df_mse": ("nupes", {"mode": "data_free", "clip": "mse"}),
         "nupes_dd": ("nupes", {"mode": "data_driven"}), "gptq": ("gptq", {})}
 
 
@@ -131,6 +141,11 @@ def main():
             if name in MOEQ:
                 method, opts = MOEQ[name]
                 opts = {"bits": bits, "group_size": group, **opts, **(extra_nupes if method == "nupes" else {})}
+                if bits == 2 and opts.get("grid") == "sym":  # 3 levels: no exponent to search, no 2-bit code
+                    if name != "rtn_absmax":
+                        print(f"{label:10s} {name:9s} skipped (sym grid at 2 bits)", flush=True)
+                        continue
+                    opts["grid"] = "half"
                 recipe = Recipe(model=a.model, method=method, options=opts,
                                 calibration={"samples": a.calib_samples, "seqlen": a.seqlen})
                 if calib is None and recipe.needs_calibration():

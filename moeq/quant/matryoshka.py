@@ -61,12 +61,19 @@ from moeq.registry import QUANTIZERS
 
 PARENT_BITS = 8
 WIDTHS = (8, 6, 4, 3, 2)
-# default λ per width (data-driven mode), tuned with the averaged residual (no kept columns): the r = 2 error
-# dominates that residual, and the 8-bit model pays for its compensation; twice the weight on 8 bits kept it within
-# 0.25% ppl of plain int8 on tiny-moe (equal λ:
-# +0.34%, λ_8 = 4: +0.18% but r = 2 gains half as much; 2x on r = 2: +0.52%). With per_width on SmolLM2,
-# λ_8 = 8 moved r = 8 from +1.46% to +0.96% of int8 and r = 3 from 25.28 to 26.72; see the ``weights`` option
-DEFAULT_WEIGHTS = {8: 2.0, 7: 1.0, 6: 1.0, 5: 1.0, 4: 1.0, 3: 1.0, 2: 1.0}
+# default λ per width (data-driven), by feedback. per_width: the low widths' buckets are wide (64 parent steps at
+# r = 2, 32 at 3), so an equal say lets them pull the parent many 8-bit steps away from the 8-bit optimum; weight
+# 16 on 8 bits and a small one on 3 and 2 bits keeps the 8-bit model at plain int8's level while every width keeps
+# its own GPTQ state. SmolLM2-135M (g64, 4 kept columns, 16 windows; int8 13.5278, GPTQ r-bit 15.4562 / 25.1875 /
+# 1781.1 at r = 4 / 3 / 2, floor parent 24.0901 / 8610.4 / 97,802.8): λ 2/1/1/1/1 gave r = 8 / 4 / 3 / 2 ppl
+# 13.7254 / 15.5212 / 25.28 / 3384 (r = 8 +1.46% of int8); λ 8/1/1/1/1 13.6582 / 15.5740 / 26.72 / 2633;
+# λ 16/1/1/0.25/0.0625 13.5034 / 15.0398 / 26.03 / 4035 (r = 8 -0.18% of int8, r = 4 -2.7% of GPTQ).
+# averaged (MatGPTQ), tuned on tiny-moe without kept columns: twice the weight on 8 bits kept it within 0.25% ppl of
+# plain int8 (equal λ: +0.34%, λ_8 = 4: +0.18% but r = 2 gains half as much; 2x on r = 2: +0.52%)
+DEFAULT_WEIGHTS = {
+    "per_width": {8: 16.0, 7: 1.0, 6: 1.0, 5: 1.0, 4: 1.0, 3: 0.25, 2: 0.0625},
+    "averaged": {8: 2.0, 7: 1.0, 6: 1.0, 5: 1.0, 4: 1.0, 3: 1.0, 2: 1.0},
+}
 # input columns kept in 16 bits (data-driven). Real LLMs have a few "massive activation" channels (SmolLM2-135M: the
 # top input's mean square is 300-2300x the median); a weight error there is multiplied by a huge input, and the
 # nested grid has no zero level, so a near-zero weight in such a column is off by half a bucket. Measured on
@@ -231,7 +238,8 @@ class MatryoshkaConfig(GPTQOptions):
                                  "worse at every width on SmolLM2 and tiny-moe)")
     weights: tuple[float, ...] | None = Field(
         None, description="data-driven: λ per width (as ``widths``): the weight of each width's error in the parent "
-                          "choice (and, averaged, in the residual); null = the default per width (8: 2, others 1)")
+                          "choice (and, averaged, in the residual); null = the default per feedback (per_width: 8: 16, "
+                          "3: 0.25, 2: 0.0625, others 1; averaged: 8: 2, others 1)")
     group_size: Literal[0, 64, 128] = Field(64, description="inputs per scale group; 0 = one per row (64 and 128 "
                                                             "run the LUT kernel at 2, 3 and 4 bits)")
     sym: bool = Field(True, description="symmetric [-absmax, absmax] groups (one LUT per width, the LUT kernel); "
@@ -262,7 +270,7 @@ class MatryoshkaConfig(GPTQOptions):
         return min(k, in_features - 1)
 
     def lambdas(self) -> tuple[tuple[int, float], ...]:
-        lam = self.weights if self.weights is not None else [DEFAULT_WEIGHTS[r] for r in self.widths]
+        lam = self.weights if self.weights is not None else [DEFAULT_WEIGHTS[self.feedback][r] for r in self.widths]
         return tuple(zip(self.widths, (float(x) for x in lam)))
 
 
