@@ -112,6 +112,7 @@ class CheckpointReader:
         self.bytes_read = 0
         self.dtypes: dict[str, torch.dtype] = {}  # checkpoint dtype of each model tensor read (kept tensors keep it)
         self._stacks: dict[tuple, list[torch.Tensor]] = {}  # _merge's [E, ...] buffers, reused once released
+        self._stacks_used: set[int] = set()  # ids of the stacks the current tensors() call has handed out
         self._lock = threading.RLock()  # one group read at a time (a prefetch thread reads while the caller releases)
 
     def _handle(self, key: str):

@@ -146,6 +146,8 @@ class Run:
         self.prefetch = (reader is not None and calib_ids is None and dist.world == 1
                          and os.environ.get("MOEQ_PREFETCH", "1") != "0")
         self._ahead: dict[str, Future] = {}  # group label -> its read, under way in the prefetch thread
+        self._following = {a.label: b for a, b in zip(self.groups, self.groups[1:])}
+        self._pool: ThreadPoolExecutor | None = None  # the prefetch thread, while execute runs
 
     @property
     def calibrated(self) -> bool:
@@ -153,18 +155,18 @@ class Run:
 
     def execute(self) -> None:
         gc.freeze()  # what is alive now (modules, imports) is never garbage: the collection after each layer skips it
-        pool = ThreadPoolExecutor(1, thread_name_prefix="moeq-prefetch") if self.prefetch else None
+        if self.prefetch:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="moeq-prefetch")
         try:
             with self.reporter.task(f"quantize ({self.plan.recipe.method_label()})", len(self.plan.targets)) as task:
                 self.task = task
-                for i, g in enumerate(self.groups):
-                    self._next = self.groups[i + 1] if pool is not None and i + 1 < len(self.groups) else None
-                    self._pool = pool
+                for g in self.groups:
                     self.process(g)
             self.writer.flush()  # the last group on disk before the ranks meet and rank 0 commits
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
             gc.unfreeze()
 
     # -- reading and releasing -------------------------------------------------------------------------------
@@ -176,7 +178,7 @@ class Run:
             ahead.result()
         else:
             self._read(g)
-        nxt = getattr(self, "_next", None)
+        nxt = self._following.get(g.label) if self._pool is not None else None
         if nxt is not None and nxt.index is not None and nxt.tensors:
             self._ahead[nxt.label] = self._pool.submit(self._read, nxt)  # the next decoder layer, meanwhile
 
