@@ -72,6 +72,14 @@ def main():
     a = ap.parse_args()
     widths = [int(x) for x in a.widths.split(",")]
     results = []
+    out = Path(a.json or Path(__file__).parent / "results" / "matryoshka.json")
+
+    def save(partial=None):
+        """Write the results so far (the model under way as ``partial``): a stopped run keeps its rows."""
+        rows = results + ([dict(partial, partial=True)] if partial is not None else [])
+        out.write_text(json.dumps({"protocol": f"gptq seqlen {a.seqlen} windows {a.windows}",
+                                   "calibration": f"{a.calib_samples} x {a.seqlen}", "results": rows},
+                                  indent=1) + "\n")
     for model in a.models.split(","):
         base, tok, windows, rb = float_reference(model, a.seqlen, a.windows)
         res = {"model": model, "float": rb.ppl, "ppl": {}, "bytes_read": {}, "times": {},
@@ -91,6 +99,7 @@ def main():
                     p = perplexity(m, windows).ppl
                     res["ppl"].setdefault(label, {})[r] = p
                     print(f"{model:13s} {label:10s} r={r}  ppl {p:12.4f}  x{p / rb.ppl:.4f}", flush=True)
+                    save(res)
                     del m
             if a.keep is not None:
                 dest = a.keep / model / "matryoshka"
@@ -110,6 +119,7 @@ def main():
                 p = perplexity(m, windows).ppl
                 res["ppl"].setdefault("gptq", {})[r] = p
                 print(f"{model:13s} {'gptq':10s} r={r}  ppl {p:12.4f}  x{p / rb.ppl:.4f}", flush=True)
+                save(res)
                 del m
             m = copy.deepcopy(base)
             recipe = Recipe(model=model, method="int8", calibration=calib_cfg)
@@ -120,6 +130,7 @@ def main():
         finally:
             shutil.rmtree(work, ignore_errors=True)
         results.append(res)
+        save()
         del base
     print()
     print(f"protocol: gptq, seqlen {a.seqlen}, {a.windows} windows; calibration {a.calib_samples} x {a.seqlen}; g64")
@@ -139,9 +150,7 @@ def main():
         for r in widths:
             print(f"| {r} | {br[r][0]:,} | {br[r][0] / br[r][1]:.3f} |")
         print("times (s):", json.dumps(res["times"]))
-    out = Path(a.json or Path(__file__).parent / "results" / "matryoshka.json")
-    out.write_text(json.dumps({"protocol": f"gptq seqlen {a.seqlen} windows {a.windows}",
-                               "calibration": f"{a.calib_samples} x {a.seqlen}", "results": results}, indent=1) + "\n")
+    save()
     print(f"wrote {out}")
 
 

@@ -67,6 +67,8 @@ def test_shared_inputs_share_one_state_and_experts_see_only_their_routed_tokens(
         assert s.tokens == int(routed.sum()) > 0
         torch.testing.assert_close(s.hessian, _h(x[routed]), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.tensor(s.gate_prob), (top_p * (top_i == e)).sum(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(s.gate_sq), (top_p.square() * (top_i == e)).sum(), rtol=1e-5,
+                                   atol=1e-6)
         down = stats[f"model.layers.0.mlp.experts.down_proj.{e}"]
         assert down is not s and down.tokens == s.tokens and down.hessian.shape == (96, 96)
     assert sum(counts) == x.shape[0] * 2                     # top-2: every token reaches two experts

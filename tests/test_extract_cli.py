@@ -117,8 +117,9 @@ def test_extract_bits_2_is_smaller_and_loads(art, tmp_path):
 
 
 def _recomputed_error(src: dict, widths: dict[str, int]) -> float:
-    """sum of calib_tokens * out_err[width] over the expert entries, straight from the source manifest."""
-    return math.fsum(e["calib_tokens"] * e["quant_info"]["out_err"][str(widths[n])]
+    """sum of gate_sq * out_err[width] over the expert entries, straight from the source manifest."""
+    assert all(0 < e["gate_sq"] < e["calib_tokens"] for e in src["tensors"].values() if e["role"] == "expert")
+    return math.fsum(e["gate_sq"] * e["quant_info"]["out_err"][str(widths[n])]
                      for n, e in src["tensors"].items() if e["role"] == "expert")
 
 
@@ -181,20 +182,29 @@ def test_milp_is_no_worse_than_greedy(art):
     assert best.error <= base.error * (1 + 1e-9)
 
 
-def test_hot_experts_never_get_fewer_bits(art):
-    """Every expert given the same per-width errors and a different routed-token count: a hotter expert never
-    gets fewer bits than a colder one, whichever solver."""
+@pytest.mark.parametrize("field", ["gate_sq", "calib_tokens"])
+def test_hot_experts_never_get_fewer_bits(art, field):
+    """Every expert given the same per-width errors and a different error weight: a hotter expert never gets
+    fewer bits than a colder one, whichever solver. The weight is the sum of the routed tokens' squared gate
+    probabilities (gate_sq: equal token counts, different gates), or the routed tokens where no gate_sq is
+    recorded (per-expert Linear experts, older artifacts)."""
     m = copy.deepcopy(ArtifactReader(art).manifest)
     experts = [(n, e) for n, e in m["tensors"].items() if e["role"] == "expert"]
     ref = {e["kind"]: e["quant_info"]["out_err"] for n, e in experts if e["expert"] == 0}
     order = torch.randperm(8, generator=torch.Generator().manual_seed(1)).tolist()
     for n, e in experts:
         e["quant_info"]["out_err"] = dict(ref[e["kind"]])
-        e["calib_tokens"] = 10 + 13 * order[4 * layer_index(e["module"]) + e["expert"]]
+        hot = 10 + 13 * order[4 * layer_index(e["module"]) + e["expert"]]
+        if field == "gate_sq":
+            e["calib_tokens"], e["gate_sq"] = 200, hot / 2
+        else:
+            e["calib_tokens"] = hot
+            e.pop("gate_sq")
     plan = ex.plan_allocation(m, "3.25")
-    tokens = {u: m["tensors"][names[0]]["calib_tokens"] for u, names in plan.members.items()}  # as set above
+    tokens = {u: m["tensors"][names[0]][field] for u, names in plan.members.items()}  # as set above
     assert len(set(tokens.values())) == 8
-    assert all(plan.about[u]["tokens"] == t for u, t in tokens.items())
+    assert all(plan.about[u]["weight"] == t for u, t in tokens.items())
+    assert all(plan.about[u]["tokens"] == m["tensors"][plan.members[u][0]]["calib_tokens"] for u in tokens)
     for u in plan.free:                                          # the solver's input: tokens x the shared errors
         per_kind = [sum(ref[m["tensors"][n]["kind"]][str(r)] for n in plan.members[u.name]) for r in u.widths]
         assert list(u.error) == pytest.approx([tokens[u.name] * x for x in per_kind], rel=1e-12)

@@ -122,7 +122,9 @@ def perplexity(model, windows: torch.Tensor, protocol: str = "gptq", batch_size:
 def compare(models: list, windows: torch.Tensor, protocol: str = "gptq", batch_size: int = 8, baseline=None,
             progress=None, stride: int | None = None) -> list[PplResult]:
     """``perplexity`` of several models on the same windows in one pass: each batch runs through the baseline
-    once and through every model, so the baseline is measured once for all of them."""
+    once and through every model, so the baseline is measured once for all of them. Each result's
+    ``extra["window_nll"]`` holds its summed NLL per window (the same positions for every model: paired
+    comparisons between models, window by window)."""
     if ALIASES.get(protocol, protocol) not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {tuple(PROTOCOLS)}")
     protocol = ALIASES.get(protocol, protocol)
@@ -131,6 +133,7 @@ def compare(models: list, windows: torch.Tensor, protocol: str = "gptq", batch_s
     step_tokens = p.stride(seqlen, stride)
     firsts = [p.first_scored(seqlen, i, step_tokens) for i in range(windows.shape[0])]
     nll, kl = [0.0] * len(models), [0.0] * len(models)
+    per_window: list[list[float]] = [[] for _ in models]
     count, base_nll = 0, 0.0
     step, i = 1, 0  # the first forward takes one window and tells the vocabulary size
     while i < windows.shape[0]:
@@ -144,6 +147,7 @@ def compare(models: list, windows: torch.Tensor, protocol: str = "gptq", batch_s
                 f = firsts[i + j]
                 s = _score(logits[j, f - 1:-1], batch[j, f:], None if ref is None else ref[j, f - 1:-1])
                 nll[k], kl[k] = nll[k] + s[0], kl[k] + s[1]
+                per_window[k].append(s[0])
                 if k == 0:
                     base_nll, count = base_nll + s[2], count + seqlen - f
             del logits
@@ -154,7 +158,8 @@ def compare(models: list, windows: torch.Tensor, protocol: str = "gptq", batch_s
         step = max(1, min(batch_size, LOGITS_BUDGET // (seqlen * vocab * 4)))
     return [PplResult(ppl=math.exp(nll[k] / count), tokens=count, windows=windows.shape[0], protocol=protocol,
                       seqlen=seqlen, kl_mean=None if baseline is None else kl[k] / count,
-                      extra={} if baseline is None else {"baseline_ppl": math.exp(base_nll / count)},
+                      extra={"window_nll": per_window[k]}
+                      | ({} if baseline is None else {"baseline_ppl": math.exp(base_nll / count)}),
                       stride=step_tokens if p.sliding else None)
             for k in range(len(models))]
 

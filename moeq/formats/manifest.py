@@ -84,6 +84,7 @@ class Entry(_Stored):
     bits_per_param: float = Field(ge=0)
     calib_tokens: int | None = Field(None, ge=0)
     gate_prob: float | None = Field(None, ge=0)
+    gate_sq: float | None = Field(None, ge=0)
     fallback: str | None = None
     quant_info: dict[str, Any] | None = None
     # nested-precision codecs (bitplanes): one sha256 per part, so a load at fewer bits verifies what it reads
@@ -192,7 +193,8 @@ class AllocationUnit(_Strict):
     bytes: int = Field(ge=0)                     # its entries at ``bits``: code planes + scales/offsets
     weights: int = Field(ge=0)
     error: float = Field(ge=0)                   # estimated error at ``bits`` (see ``moeq.pipeline.extract``)
-    tokens: float | None = Field(None, ge=0)     # the routed-token weight of its error; None: data-free, unweighted
+    tokens: float | None = Field(None, ge=0)     # its routed calibration tokens; None: data-free, unweighted
+    weight: float | None = Field(None, ge=0)     # its error's weight: sum of their squared gate probabilities
     entries: list[str] = Field(min_length=1)
 
 

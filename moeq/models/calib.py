@@ -5,7 +5,7 @@ decoder layer (or one chunk of its experts) at a time:
 - Linear targets through forward pre-hooks. Targets that read the very same input tensor in a forward (q/k/v,
   a shared expert's gate and up) share one state: the first of them names the input.
 - Fused 3-D experts through ``experts_forward``: expert e sees only the tokens its router sends it, with their
-  gate probabilities (token counts and gate-probability sums are recorded per expert). An expert's gate and up
+  gate probabilities (token counts, gate-probability sums and their squares' sums are recorded per expert). An expert's gate and up
   live in one fused parameter, so they share one state by construction. ``experts="pooled"`` pools the routed
   tokens of every expert of a parameter into one state.
 - Per-expert ``nn.Linear`` experts (SwitchTransformers) are hooked like any Linear: their modules receive only
@@ -35,6 +35,7 @@ class _State:
     def __init__(self):
         self.tokens = 0
         self.gate_prob = 0.0
+        self.gate_sq = 0.0      # sum of squared gate probabilities: how much the expert's output error counts
         self.acc: dict[str, tuple] = {}  # repr(accumulator) -> (accumulator, state)
 
 
@@ -70,7 +71,9 @@ class Collector:
             self._fed.add((key, id(x), ""))
             st.tokens += x2.shape[0]
             if gate is not None:
-                st.gate_prob += float(gate.sum())
+                g = gate.detach().float()
+                st.gate_prob += float(g.sum())
+                st.gate_sq += float(g.square().sum())
         for acc in spec.accumulators:
             name = repr(acc)
             if (key, id(x), name) in self._fed:
@@ -109,7 +112,7 @@ class Collector:
             values = {}
             for acc, state in st.acc.values():
                 values.update(acc.finalize(state, st.tokens))
-            made[key] = Stats(st.tokens, values, st.gate_prob)
+            made[key] = Stats(st.tokens, values, st.gate_prob, gate_sq=st.gate_sq)
         out = {}
         for t in self.specs:
             key = self.key_of.get(t.name)

@@ -15,10 +15,16 @@ Per-expert allocation (``moeq extract --budget``), on the manifest alone:
   or the Linears under ``experts.e``); it takes one width from the widths all its entries can give (fitted for
   and still stored). Every other nested entry (attention, dense or shared MLP) is pinned at ``attention_bits``
   (default: its largest width) and only consumes budget.
-- error of unit i at width r: sum over its entries of ``calib_tokens * quant_info.out_err[r]``; out_err is the
-  per-token proxy output error tr(dW H dW^T) (H = 2 X^T X / n), so the routed-token count makes hot experts count
-  more. An entry without ``calib_tokens`` counts with its layer's mean; in an artifact without any (data-free:
-  out_err is then the weight MSE) every entry counts once: the allocation is data-free and blind to hotness.
+- error of unit i at width r: sum over its entries of ``G * quant_info.out_err[r]``; out_err is the per-token
+  proxy output error tr(dW H dW^T) (H = 2 X^T X / n over the routed tokens), and G = ``gate_sq``, the sum over
+  those tokens of the squared gate probability g_t: the expert's output reaches the residual stream times g_t, so
+  its error there is g_t dW x_t. Hot experts count more, and so do experts the router trusts (g near 1) over those
+  it mixes in with a small weight. On tiny-moe at 3 bits this weighting lowered both KL and perplexity against
+  weighting by routed tokens (``benchmarks/results/matryoshka_budget_tiny-moe.json``). An entry without
+  ``gate_sq`` (per-expert Linear experts, whose router weights are not seen, or an artifact written before it was
+  recorded) counts its ``calib_tokens`` (as if g = 1); one without either, its layer's mean; in an artifact
+  without any (data-free: out_err is then the weight MSE) every entry counts once: the allocation is data-free and
+  blind to hotness.
 - bytes of a unit at r: its entries' r code planes (``out * ceil(in/8) * r`` each) plus their scales and offsets
   (fixed), exactly what the extracted entries hold.
 - budget: average bits per weight of the experts (``3``, ``3.5bits``; scales and the pinned entries come on top,
@@ -211,7 +217,7 @@ class AllocationPlan:
 
     problem: Any                      # moeq.quant.allocate.AllocationProblem
     members: dict[str, list[str]]     # free unit -> its entries
-    about: dict[str, dict]            # free unit -> layer, module, expert, weights, tokens
+    about: dict[str, dict]            # free unit -> layer, module, expert, weights, tokens, weight
     pinned: dict[str, int]            # pinned entry -> width
     budget: str
     budget_kind: str                  # bits | bytes
@@ -272,7 +278,8 @@ def plan_allocation(manifest: dict, budget: str, attention_bits: int | None = No
             weights=sum(math.prod(nested[n]["shape"]) for n in names),
             meta_bytes=sum(bytes_at(nested[n], 0) for n in names)))
         about[u]["weights"] = units[-1].weights
-        about[u]["tokens"] = None if data_free else weight[names[0]]
+        about[u]["tokens"] = None if data_free else nested[names[0]].get("calib_tokens")
+        about[u]["weight"] = None if data_free else weight[names[0]]
     units += [Unit.pinned_at(n, r, bytes_at(nested[n], r), math.prod(nested[n]["shape"])) for n, r in pinned.items()]
     fixed = (sum(e["bytes"] for n, e in manifest["tensors"].items() if n not in nested)
              + sum(e["bytes"] for e in manifest["kept"].values())
@@ -304,23 +311,30 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def error_weight(e: dict) -> float | None:
+    """The weight of an expert entry's per-token error: the sum of its routed tokens' squared gate probabilities,
+    else its routed tokens (gate not recorded), else None (no calibration)."""
+    g, t = e.get("gate_sq"), e.get("calib_tokens")
+    return float(g) if g is not None and t else None if t is None else float(t)
+
+
 def _token_weights(nested: dict, members: dict[str, list[str]],
                    about: dict[str, dict]) -> tuple[dict[str, float], bool]:
-    """(entry -> the weight of its error, data_free): its routed tokens, else its layer's mean over the experts
-    that have them, else 1 (no expert entry of the artifact has any: data-free)."""
+    """(entry -> the weight of its error (``error_weight``), data_free): an entry without one takes its layer's
+    mean over the experts that have one, else 1 (no expert entry of the artifact has any: data-free)."""
     out: dict[str, float] = {}
-    per_layer: dict[str, list[int]] = {}
+    per_layer: dict[str, list[float]] = {}
     for u, names in members.items():
         for n in names:
-            t = nested[n].get("calib_tokens")
-            if t is not None:
-                per_layer.setdefault(about[u]["module"], []).append(t)
+            w = error_weight(nested[n])
+            if w is not None:
+                per_layer.setdefault(about[u]["module"], []).append(w)
     for u, names in members.items():
         seen = per_layer.get(about[u]["module"])
         mean = sum(seen) / len(seen) if seen else 1.0
         for n in names:
-            t = nested[n].get("calib_tokens")
-            out[n] = float(t) if t is not None else mean
+            w = error_weight(nested[n])
+            out[n] = w if w is not None else mean
     return out, not per_layer
 
 

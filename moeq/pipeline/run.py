@@ -423,12 +423,14 @@ class Run:
 
 
 def calib_info(t: Target, s: Stats | None, spec: CalibSpec) -> dict[str, Any]:
-    """What the manifest says of a calibrated weight's statistics: its routed tokens, gate-probability mass and,
-    for a starved or unreached weight, which fallback it got and why."""
+    """What the manifest says of a calibrated weight's statistics: its routed tokens, their gate probabilities'
+    sum and sum of squares and, for a starved or unreached weight, which fallback it got and why."""
     routed = 0 if s is None else int(s.tokens if s.routed is None else s.routed)
     info: dict[str, Any] = {"calib_tokens": routed}
     if t.expert is not None and s is not None and s.gate_prob is not None and s.routed is None:
         info["gate_prob"] = round(float(s.gate_prob), 4)
+        if s.gate_sq is not None:
+            info["gate_sq"] = round(float(s.gate_sq), 4)
     if s is not None and s.routed is not None:
         info["fallback"] = (f"route_all: {routed} routed tokens < min_tokens {spec.min_tokens}; statistics "
                             f"from all {s.tokens} calibration tokens")
