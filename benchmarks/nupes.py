@@ -11,9 +11,12 @@ Each config is BITS:GROUP (GROUP 0 = per row). Methods (``--methods``, comma-sep
              -Q..Q with Q = 2^(b-1) - 1; at 2 bits, where sym has 3 levels, the 4 uniform levels +-0.5, +-1.5
              (``grid=half``, a = 1). NUPES at a = 1 is exactly this quantizer, so nupes_df against it isolates the
              exponent
+  rtn_sym_mse  the same symmetric uniform RTN with each row's/group's range MSE-clipped (``clip=mse``, a = 1)
   nupes_df_sym  NUPES data-free on the symmetric grid (3+ bits)
+  nupes_df_absmax  NUPES data-free with absmax scales (``clip=absmax``)
   nupes_df_mse  NUPES data-free with each row's/group's scale MSE-clipped for its exponent (``clip=mse``)
-  nupes_df   NUPES data-free: per-weight exponent search, half-integer grid (moeq ``nupes``)
+  nupes_df   NUPES data-free: per-weight exponent search, half-integer grid, default clip (mse at 2-3 bits,
+             absmax at 4+: moeq ``nupes``)
   nupes_dd   NUPES data-driven: GPTQ on the power grid + gradient refinement (moeq ``nupes -O mode=data_driven``)
   gptq       GPTQ on the uniform grid (moeq ``gptq``)
   hqq        HQQLinear(nbits, group_size, fp32 compute) on every nn.Linear but lm_head (hqq 0.2.8)
@@ -47,7 +50,9 @@ from reference import float_reference
 DEFAULT_CONFIGS = "4:64,3:64,2:64,4:0,3:0,2:0"
 DEFAULT_METHODS = "rtn,rtn_mse,nupes_df,nupes_dd,gptq,hqq,quanto"
 MOEQ = {"rtn": ("rtn", {}), "rtn_mse": ("rtn", {"clip": "mse"}),
-        "rtn_absmax": ("nupes", {"mode": "data_free", "exponent": 1.0, "grid": "sym"}),
+        "rtn_absmax": ("nupes", {"mode": "data_free", "exponent": 1.0, "grid": "sym", "clip": "absmax"}),
+        "rtn_sym_mse": ("nupes", {"mode": "data_free", "exponent": 1.0, "grid": "sym", "clip": "mse"}),
+        "nupes_df_absmax": ("nupes", {"mode": "data_free", "clip": "absmax"}),
         "nupes_df": ("nupes", {"mode": "data_free"}), "nupes_df_sym": ("nupes", {"mode": "data_free", "grid": "sym"}),
         "nupes_df_mse": ("nupes", {"mode": "data_free", "clip": "mse"}),
         "nupes_dd": ("nupes", {"mode": "data_driven"}), "gptq": ("gptq", {})}
@@ -142,7 +147,7 @@ def main():
                 method, opts = MOEQ[name]
                 opts = {"bits": bits, "group_size": group, **opts, **(extra_nupes if method == "nupes" else {})}
                 if bits == 2 and opts.get("grid") == "sym":  # 3 levels: no exponent to search, no 2-bit code
-                    if name != "rtn_absmax":
+                    if name not in ("rtn_absmax", "rtn_sym_mse"):
                         print(f"{label:10s} {name:9s} skipped (sym grid at 2 bits)", flush=True)
                         continue
                     opts["grid"] = "half"

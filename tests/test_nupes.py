@@ -132,7 +132,7 @@ def test_odd_in_features_and_dequantize(group_size):
     assert t["scale"].dtype == torch.float16 and t["scale"].shape == (24, 3 if group_size else 1)
     assert t["lut"].dtype == torch.float32 and torch.equal(t["lut"], power_lut(3, q.meta["exponent"], "half"))
     assert q.meta == {"bits": 3, "group_size": group_size, "grid": "half", "exponent": q.meta["exponent"]}
-    r = rtn(w, PowerGrid(3, q.meta["exponent"], "half"), group_size)
+    r = rtn(w, PowerGrid(3, q.meta["exponent"], "half", cfg.clip_mode), group_size)   # clip mse at 3 bits
     deq = nupes_dequantize(t["codes"], t["scale"], t["lut"], group_size)
     assert torch.equal(deq, r.deq) and torch.equal(Q.dequantize(q), r.deq)
     assert torch.equal(deq[5], torch.zeros(130))
@@ -326,3 +326,24 @@ def test_mse_clip_never_worse_than_absmax_at_the_same_exponent():
         err = [(rtn(w, PowerGrid(bits, 0.7, "half", clip), 64).deq - w).square().view(3, 32, 2, 64).sum(-1)
                for clip in ("absmax", "mse")]
         assert bool((err[1] <= err[0]).all()) and float(err[1].sum()) < 0.95 * float(err[0].sum())
+
+
+def test_clip_auto_is_mse_only_for_data_free_below_four_bits():
+    assert [Q.Config(bits=b).clip_mode for b in (2, 3, 4, 8)] == ["mse", "mse", "absmax", "absmax"]
+    assert Q.Config(bits=3, mode="data_driven").clip_mode == "absmax"
+    assert Q.Config(bits=3, clip="absmax").clip_mode == "absmax" and Q.Config(bits=4, clip="mse").clip_mode == "mse"
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_data_free_with_clipped_scales_never_worse_than_uniform_clipped(bits):
+    """The exponent is searched on absmax scales; with clip=mse (the 2- and 3-bit default) each expert's result
+    is still never worse in weight error than a = 1 with the same clipping, and the recorded exponent is the one
+    its codes use."""
+    w = torch.stack([sample(k, (32, 128), seed=9) * 0.05 for k in ("gauss", "uniform", "t3")])
+    qs = Q.quantize_experts(w, Q.Config(bits=bits), [None] * 3)
+    flat = rtn(w, PowerGrid(bits, 1.0, "half", "mse"), 64)
+    for e, q in enumerate(qs):
+        deq = Q.dequantize(q)
+        assert wmse(w[e], deq) <= wmse(w[e], flat.deq[e]) * (1 + 1e-6), e
+        assert q.info["mse_vs_uniform"] <= 1 + 1e-6
+        assert torch.equal(q.tensors["lut"], power_lut(bits, q.meta["exponent"], "half"))
