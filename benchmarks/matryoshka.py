@@ -56,6 +56,21 @@ def nested_bytes_read(path: Path, bits: int) -> tuple[int, int]:
         r.close()
 
 
+def quantized(model: torch.nn.Module, out: Path, recipe: Recipe, times: dict, key: str, **kw) -> torch.nn.Module:
+    """``model`` quantized into ``out`` (the packed model in memory), its time in ``times[key]``; an artifact
+    already finished at ``out`` (``--work`` of an interrupted run) is loaded instead, and a run stopped midway
+    resumes (the time then counts the resumed part only, and ``times[key + "_resumed_groups"]`` says so)."""
+    if (out / "moeq.json").exists():
+        times[key] = "reused"
+        return api.load(str(out), dtype=torch.float32)[0]
+    t = time.perf_counter()
+    res = api.quantize_model(model, out, recipe, **kw)
+    times[key] = round(time.perf_counter() - t, 1)
+    if res.get("resumed_groups"):
+        times[key + "_resumed_groups"] = res["resumed_groups"]
+    return model
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=DEFAULT_MODELS)
@@ -68,6 +83,9 @@ def main():
     ap.add_argument("--keep", type=Path, default=None,
                     help="copy each model's (a) artifact to KEEP/<model>/matryoshka (e.g. the decode benchmark's cache, "
                          "/tmp/moeq-bench-decode)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="working directory of the artifacts (kept); an interrupted run given the same directory resumes "
+                         "its quantizations where they stopped (one model per run)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     widths = [int(x) for x in a.widths.split(",")]
@@ -86,14 +104,12 @@ def main():
                "options": json.loads(a.options)}
         calib_cfg = {"samples": a.calib_samples, "seqlen": a.seqlen}
         calib = api.calibration_ids(tok, Recipe(model=model, method="gptq", calibration=calib_cfg))
-        work = Path(tempfile.mkdtemp(prefix="moeq-mat-"))
+        work = a.work or Path(tempfile.mkdtemp(prefix="moeq-mat-"))
         try:
             for label, opts in (("matryoshka", json.loads(a.options)), ("floor", {"mode": "data_free"})):
                 recipe = Recipe(model=model, method="matryoshka", options=opts, calibration=calib_cfg)
-                t = time.perf_counter()
-                api.quantize_model(copy.deepcopy(base), work / label, recipe, tokenizer=tok, source=model,
-                                   calib_ids=calib if recipe.needs_calibration() else None)
-                res["times"][f"quantize_{label}"] = round(time.perf_counter() - t, 1)
+                quantized(copy.deepcopy(base), work / label, recipe, res["times"], f"quantize_{label}", tokenizer=tok,
+                          source=model, calib_ids=calib if recipe.needs_calibration() else None)
                 for r in widths:
                     m, _, _ = api.load(str(work / label), dtype=torch.float32, bits=r)
                     p = perplexity(m, windows).ppl
@@ -108,27 +124,29 @@ def main():
             for r in widths:
                 res["bytes_read"][r] = nested_bytes_read(work / "matryoshka", r)
             for r in (4, 2):
+                shutil.rmtree(work / f"x{r}", ignore_errors=True)
                 t = time.perf_counter()
                 extract(work / "matryoshka", r, work / f"x{r}")
                 res["times"][f"extract_{r}"] = round(time.perf_counter() - t, 2)
             for r in [int(x) for x in a.gptq_widths.split(",")]:
-                m = copy.deepcopy(base)
                 recipe = Recipe(model=model, method="gptq", options={"bits": r, "group_size": 64},
-                                    calibration=calib_cfg)
-                api.quantize_model(m, work / f"g{r}", recipe, source=model, calib_ids=calib)
+                                calibration=calib_cfg)
+                m = quantized(copy.deepcopy(base), work / f"g{r}", recipe, res["times"], f"quantize_gptq{r}",
+                              source=model, calib_ids=calib)
                 p = perplexity(m, windows).ppl
                 res["ppl"].setdefault("gptq", {})[r] = p
                 print(f"{model:13s} {'gptq':10s} r={r}  ppl {p:12.4f}  x{p / rb.ppl:.4f}", flush=True)
                 save(res)
                 del m
-            m = copy.deepcopy(base)
             recipe = Recipe(model=model, method="int8", calibration=calib_cfg)
-            api.quantize_model(m, work / "int8", recipe, source=model, calib_ids=calib)
+            m = quantized(copy.deepcopy(base), work / "int8", recipe, res["times"], "quantize_int8", source=model,
+                          calib_ids=calib)
             res["ppl"]["int8"] = {8: perplexity(m, windows).ppl}
             print(f"{model:13s} int8       r=8  ppl {res['ppl']['int8'][8]:12.4f}", flush=True)
             del m
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if a.work is None:
+                shutil.rmtree(work, ignore_errors=True)
         results.append(res)
         save()
         del base
