@@ -161,16 +161,5 @@ class MatryoshkaLinear(PackedLinear):
         if self.cols is not None:
             y2 = y.reshape(-1, self.out_features)
             y = torch.addmm(y2, x.reshape(-1, self.in_features).index_select(1, self.cols),
-                            self._delta_as(x.dtype)).view(y.shape)
+                            self.col_delta.to(x.dtype)).view(y.shape)
         return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def _delta_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """``col_delta`` in ``dtype``, cast once and kept while the buffer is unchanged (a load keeps it float32 for
-        every compute dtype; casting it on every call was a third of a small layer's decode time)."""
-        d = self.col_delta
-        if d.dtype == dtype:
-            return d
-        c = self.__dict__.get("_delta_cast")
-        if c is None or c[0] is not d or c[1] != d._version or c[2].dtype != dtype:
-            c = self.__dict__["_delta_cast"] = (d, d._version, d.to(dtype))
-        return c[2]
