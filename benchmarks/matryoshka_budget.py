@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -81,19 +80,16 @@ def evaluate(model: str, paths: dict[str, Path], rows: list[dict], windows: int)
     from moeq.data.corpus import load_text
     from moeq.eval.perplexity import compare, tokenize_windows
     from moeq.models.loader import load_model
+    from reference import paired_nll
     torch.set_num_threads(2)
     base, tok, _ = load_model(model)
     wins = tokenize_windows(tok, load_text("wiki", "eval"), 512, windows or None)
     models = [api.load(str(p), dtype=torch.float32)[0] for p in paths.values()]
     res = compare(models, wins, baseline=base.float())
-    per_token = res[0].tokens / res[0].windows  # every window scores the same positions (gptq protocol)
-    uni = res[list(paths).index("uniform")].extra["window_nll"]
+    uni = res[list(paths).index("uniform")]
     for row, r in zip(rows, res):
-        d = [(a - b) / per_token for a, b in zip(r.extra["window_nll"], uni)]
-        mean = math.fsum(d) / len(d)
-        se = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
         row.update(ppl=r.ppl, baseline_ppl=r.extra["baseline_ppl"], kl_mean=r.kl_mean, protocol=r.describe(),
-                   vs_uniform={"mean": mean, "se": se, "windows_better": sum(x < 0 for x in d)})
+                   vs_uniform=paired_nll(r, uni))
         print(json.dumps({k: v for k, v in row.items() if k != "allocation"}), flush=True)
     return rows
 

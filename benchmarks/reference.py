@@ -21,3 +21,14 @@ def float_reference(model: str, seqlen: int, windows: int):
     rb = perplexity(base, wins)
     print(f"{model} float: ppl {rb.ppl:.4f} ({rb.describe()}) {time.perf_counter() - t:.0f}s", flush=True)
     return base, tok, wins, rb
+
+
+def paired_nll(result, ref) -> dict:
+    """Per-token NLL difference of ``result`` against ``ref`` (PplResults of one ``compare`` pass, the same
+    windows): the mean over windows, its standard error (windows as samples) and how many windows are better."""
+    import math
+    per_token = ref.tokens / ref.windows  # every window scores the same positions (gptq protocol)
+    d = [(a - b) / per_token for a, b in zip(result.extra["window_nll"], ref.extra["window_nll"])]
+    mean = math.fsum(d) / len(d)
+    se = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return {"mean": mean, "se": se, "windows_better": sum(x < 0 for x in d)}

@@ -347,3 +347,17 @@ def test_data_free_with_clipped_scales_never_worse_than_uniform_clipped(bits):
         assert wmse(w[e], deq) <= wmse(w[e], flat.deq[e]) * (1 + 1e-6), e
         assert q.info["mse_vs_uniform"] <= 1 + 1e-6
         assert torch.equal(q.tensors["lut"], power_lut(bits, q.meta["exponent"], "half"))
+
+
+@pytest.mark.parametrize("shape,group_size", [((32, 128), 64), ((24, 130), 64), ((16, 96), 0), ((3, 20, 130), 64)])
+def test_closed_form_mse_with_clipped_scales_equals_round_to_nearest(shape, group_size):
+    """The exponent search with clip=mse scores each a by the per-group best clipped scale in closed form: the
+    same weight error as PowerGrid(clip="mse") rounding (odd in_features: the padded zeros are taken off)."""
+    w = torch.randn(*shape, generator=gen(12)) * 0.02
+    w.view(-1)[7] = 0.3                                                     # an outlier worth clipping
+    w3 = w if w.ndim == 3 else w[None]
+    for bits, grid in [(2, "half"), (3, "half"), (3, "sym"), (4, "half")]:
+        f = exponent_mse(w, bits, grid, group_size, "mse")
+        for a in (0.6, 0.8, 1.0, 1.3):
+            want = (rtn(w3, PowerGrid(bits, a, grid, "mse"), group_size).deq - w3).double().square().mean().item()
+            assert f(a) == pytest.approx(want, rel=1e-5), (bits, grid, a)

@@ -8,12 +8,14 @@ bell-shaped weights are dense) and a = 1 is the uniform grid. Two grids of point
   - ``sym``: k in {-Q, ..., Q}, K = Q, Q = 2^(b-1) - 1: 2^b - 1 levels and a zero, plus one pad entry repeating
     the top level (never chosen by the encoder). At a = 1 it is exactly symmetric absmax int-b quantization.
     Rejected at 2 bits: its levels {-1, 0, 1} do not depend on a.
-Per row and group of inputs, scale = absmax / K rounded to float16; a weight is encoded to the NEAREST level (in
+Per row and group of inputs, scale = absmax / K rounded to float16, or with ``clip="mse"`` (the data-free default
+at 2 and 3 bits) the range shrunk to the one of least squared error (1.0 .. 0.5 x absmax); a weight is encoded to the NEAREST level (in
 the weight domain, not by rounding |w|^a) and decodes to ``lut[code] * scale`` in float32.
 
 Two modes:
   - data-free: per 2-D weight (per expert), the exponent minimizing the weight MSE (``search_exponent``: a coarse
-    scan, then bounded Brent), never worse than a = 1; round to nearest.
+    scan, then bounded Brent; with clipped scales each a is scored with its own best clip per group), never worse
+    than a = 1; round to nearest.
   - data-driven: GPTQ on the power grid (a few exponents around the data-free one, the lowest output error
     tr(dW H dW^T) kept), then an Adam refinement of continuous latent weights and log a on that output error
     (straight-through nearest-level assignment, codes free to move over the whole range), kept only where it
@@ -187,12 +189,16 @@ def nupes_dequantize(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor
 
 # ---------------------------------------------------------------------------------------- data-free search
 
-def exponent_mse(w: torch.Tensor, bits: int, grid: Grid = "half", group_size: int = 0) -> Callable[[float], float]:
+def exponent_mse(w: torch.Tensor, bits: int, grid: Grid = "half", group_size: int = 0,
+                 clip: Literal["absmax", "mse"] = "absmax") -> Callable[[float], float]:
     """f(a) = the weight MSE of nearest-level round-to-nearest of ``w`` ([out, in] or [E, out, in], all entries
-    together) on the power grid with exponent a. The scale does not depend on a, so |w| / scale is sorted once and
-    each f(a) costs 2^b binary searches into prefix sums (float64) of s^2, s^2 x, s^2 x^2: the squared error of
-    the entries whose nearest level is L is s^2 (x - L)^2, summed per level in closed form (both grids are odd,
-    so magnitudes suffice)."""
+    together) on the power grid with exponent a. The absmax scale does not depend on a, so |w| / scale is sorted
+    once and each f(a) costs 2^b binary searches into prefix sums (float64) of s^2, s^2 x, s^2 x^2: the squared
+    error of the entries whose nearest level is L is s^2 (x - L)^2, summed per level in closed form (both grids
+    are odd, so magnitudes suffice). ``clip="mse"``: each row/group takes, for this a, the clipped scale of least
+    error (``_clipped_mse``), as ``PowerGrid(clip="mse")`` does."""
+    if clip == "mse":
+        return _clipped_mse(w, bits, grid, group_size)
     w3 = (w if w.ndim == 3 else w[None]).detach().float()
     pg = PowerGrid(bits, 1.0, grid)
     scale = group_params(w3, pg, group_size)["scale"]
@@ -218,14 +224,57 @@ def exponent_mse(w: torch.Tensor, bits: int, grid: Grid = "half", group_size: in
     return f
 
 
+def _clipped_mse(w: torch.Tensor, bits: int, grid: Grid, group_size: int) -> Callable[[float], float]:
+    """``exponent_mse`` with clipped scales: per row/group g the least error over the scales
+    s_c = fp16(c amax / K), c in ``CLIP_RATIOS``. In units of the absmax scale s (x = |w| / s, sorted per group
+    once), scale s_c puts the levels at r L with r = s_c / s, and the error is s^2 sum (x - r L)^2: per (a, c)
+    one batched binary search of the group's midpoints and prefix sums, as in the absmax case. Padding of a
+    partial last group is zeros, taken off in closed form (a zero lands on the smallest magnitude level)."""
+    w3 = (w if w.ndim == 3 else w[None]).detach().float()
+    pg = PowerGrid(bits, 1.0, grid)
+    n = w3.numel()
+    g = group_size or w3.shape[-1]
+    pad = -w3.shape[-1] % g
+    absw = F.pad(w3.abs(), (0, pad)).reshape(-1, g)                      # [G, g]
+    amax = absw.amax(-1)
+    s = pg._scale(amax)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    ratio = torch.stack([pg._scale(amax * c) for c in CLIP_RATIOS], -1).double().cpu() / safe.double().cpu()[:, None]
+    x = (absw / safe[:, None]).double().cpu().sort(-1).values
+    zero = x.new_zeros(x.shape[0], 1)
+    p1, p2 = torch.cat([zero, x.cumsum(-1)], -1), torch.cat([zero, (x * x).cumsum(-1)], -1)
+    npad = torch.zeros(x.shape[0], dtype=torch.float64)
+    if pad:
+        npad.view(-1, (w3.shape[-1] + pad) // g)[:, -1] = pad
+    s2 = s.double().cpu().square()
+    nlev = _n_levels(bits, grid)
+
+    def f(a: float) -> float:
+        lv = power_lut(bits, a, grid)[:nlev].double()
+        mag = lv[lv >= 0]
+        best = torch.full_like(s2, math.inf)
+        for k in range(ratio.shape[1]):
+            lev = ratio[:, k:k + 1] * mag                                    # [G, m]
+            cut = torch.searchsorted(x, (lev[:, 1:] + lev[:, :-1]) / 2, right=True)
+            edges = torch.cat([cut.new_zeros(x.shape[0], 1), cut, cut.new_full((x.shape[0], 1), g)], -1)
+            lo, hi = edges[:, :-1], edges[:, 1:]
+            sx, sxx = p1.gather(1, hi) - p1.gather(1, lo), p2.gather(1, hi) - p2.gather(1, lo)
+            err = (sxx - 2 * lev * sx + lev * lev * (hi - lo)).sum(-1) - npad * lev[:, 0].square()
+            best = torch.minimum(best, err)
+        return float((s2 * best.clamp(min=0)).sum()) / n
+
+    return f
+
+
 def search_exponent(w: torch.Tensor, bits: int, grid: Grid = "half", group_size: int = 0,
-                    bounds: tuple[float, float] = BOUNDS, points: int = 12) -> float:
+                    bounds: tuple[float, float] = BOUNDS, points: int = 12,
+                    clip: Literal["absmax", "mse"] = "absmax") -> float:
     """The exponent minimizing ``exponent_mse``: ``points`` evenly spaced a over ``bounds``, then bounded Brent
     (scipy) between the best point's neighbours; the best of that and a = 1 (so never worse than uniform; ties
     keep 1). Rounded to ``DIGITS`` decimals."""
     from scipy.optimize import minimize_scalar
 
-    mse = exponent_mse(w, bits, grid, group_size)
+    mse = exponent_mse(w, bits, grid, group_size, clip)
     cache: dict[float, float] = {}
 
     def f(a: float) -> float:
@@ -375,11 +424,13 @@ class NupesConfig(GPTQOptions):
 
     @property
     def clip_mode(self) -> Literal["absmax", "mse"]:
-        """The clip ``auto`` stands for. Data-free at 2 and 3 bits: mse. There the grid is too coarse for the
-        absmax scale: on tiny-moe (every eval window) W2 g64 goes from ppl 72.78 to 71.52 (uniform absmax RTN
-        72.55), W2 per-row from 76.92 to 71.73; on SmolLM2 W3 g64 from 120.98 to 67.21 (16 windows). At 4 bits
-        absmax is better (SmolLM2 W4 g64: 16.19 against 16.86 clipped), and data-driven mode, whose GPTQ
-        compensates the rounding, was measured with absmax (``benchmarks/results/nupes_clip.md``)."""
+        """The clip ``auto`` stands for. Data-free at 2 and 3 bits: mse, with the exponent searched for the
+        clipped scales (``search_exponent(clip="mse")``). There the grid is too coarse for the absmax scale: on
+        tiny-moe (every eval window) W2 g64 goes from ppl 72.78 to 71.53 (uniform RTN: absmax 72.55, clipped
+        71.81), W2 per-row from 76.92 to 71.55 (76.15, 71.81), W3 g64 from 68.23 to 68.15 (68.67, 68.55). At
+        4 bits absmax is better (SmolLM2 W4 g64, exponent searched on absmax scales then clipped: 16.86 against
+        16.19), and data-driven mode, whose GPTQ compensates the rounding, was measured with absmax
+        (``benchmarks/results/nupes_clip.md``)."""
         if self.clip != "auto":
             return self.clip
         return "mse" if self.mode == "data_free" and self.bits <= 3 else "absmax"
@@ -417,8 +468,8 @@ class NupesQuantizer(Quantizer):
     def _exponents(self, w: torch.Tensor, cfg: NupesConfig) -> list[float]:
         if cfg.exponent is not None:
             return [round(cfg.exponent, DIGITS)] * w.shape[0]
-        return [search_exponent(w[e], cfg.bits, cfg.grid, cfg.group_size, cfg.bounds, cfg.search_points)
-                for e in range(w.shape[0])]
+        return [search_exponent(w[e], cfg.bits, cfg.grid, cfg.group_size, cfg.bounds, cfg.search_points,
+                                cfg.clip_mode) for e in range(w.shape[0])]
 
     def _uniform_mse(self, w: torch.Tensor, cfg: NupesConfig) -> torch.Tensor:
         return _weight_mse(w, rtn(w, PowerGrid(cfg.bits, 1.0, cfg.grid, cfg.clip_mode), cfg.group_size).deq)
@@ -438,9 +489,9 @@ class NupesQuantizer(Quantizer):
         return out
 
     def _data_free(self, w: torch.Tensor, cfg: NupesConfig, note: str | None = None) -> list[QTensor]:
-        """Round to nearest at the searched exponent. The search assumes absmax scales (they do not depend on a);
-        with clipped scales a = 1 is rounded too and kept per expert where its weight error is lower, so the
-        result is never worse than uniform with either clip."""
+        """Round to nearest at the searched exponent (searched with the same clip). With clipped scales a = 1 is
+        rounded too and kept per expert where its weight error is lower: the search's closed form and the
+        rounding can pick different clips at near-ties, and the result must never be worse than uniform."""
         w = w.detach().float()
         a = self._exponents(w, cfg)
         r = rtn(w, PowerGrid(cfg.bits, tuple(a), cfg.grid, cfg.clip_mode), cfg.group_size)
