@@ -159,7 +159,7 @@ class PowerGrid:
         """Nearest-level codes (uint8, same shape) of ``x`` in steps; per-expert exponents index x's dim 0."""
         mids = self._mids.to(device=x.device, dtype=x.dtype)
         if mids.ndim == 1:
-            return torch.searchsorted(mids, x).to(self.code_dtype)
+            return torch.searchsorted(mids, x.contiguous()).to(self.code_dtype)
         return torch.searchsorted(mids, x.reshape(x.shape[0], -1)).view(x.shape).to(self.code_dtype)
 
     def decode(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
