@@ -336,9 +336,8 @@ def test_clip_auto_is_mse_only_for_data_free_below_four_bits():
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_data_free_with_clipped_scales_never_worse_than_uniform_clipped(bits):
-    """The exponent is searched on absmax scales; with clip=mse (the 2- and 3-bit default) each expert's result
-    is still never worse in weight error than a = 1 with the same clipping, and the recorded exponent is the one
-    its codes use."""
+    """With clip=mse (the 2- and 3-bit default; the exponent searched with it) each expert's result is never worse
+    in weight error than a = 1 with the same clipping, and the recorded exponent is the one its codes use."""
     w = torch.stack([sample(k, (32, 128), seed=9) * 0.05 for k in ("gauss", "uniform", "t3")])
     qs = Q.quantize_experts(w, Q.Config(bits=bits), [None] * 3)
     flat = rtn(w, PowerGrid(bits, 1.0, "half", "mse"), 64)

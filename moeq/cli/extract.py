@@ -26,8 +26,9 @@ def extract(
     """A smaller artifact from a matryoshka one: one width, or a width per expert within a budget.
 
     No re-quantization: [bold]--bits R[/] keeps R bit-planes of every weight; [bold]--budget B[/] gives each
-    expert of each layer the width of least estimated error that fits B (the squared gate probabilities of its routed
-    calibration tokens x proxy output error per width: hot, trusted experts get more bits), the other nested weights pinned at [bold]--attention-bits[/]."""
+    expert of each layer the width of least estimated error that fits B (the squared gate probabilities of its
+    routed calibration tokens x proxy output error per width: hot, trusted experts get more bits), the other
+    nested weights pinned at [bold]--attention-bits[/]."""
     from moeq.paths import check_artifact_dir, check_output_dir, check_output_file
     check_artifact_dir(artifact)
     check_output_dir(output)

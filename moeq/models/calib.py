@@ -5,9 +5,9 @@ decoder layer (or one chunk of its experts) at a time:
 - Linear targets through forward pre-hooks. Targets that read the very same input tensor in a forward (q/k/v,
   a shared expert's gate and up) share one state: the first of them names the input.
 - Fused 3-D experts through ``experts_forward``: expert e sees only the tokens its router sends it, with their
-  gate probabilities (token counts, gate-probability sums and their squares' sums are recorded per expert). An expert's gate and up
-  live in one fused parameter, so they share one state by construction. ``experts="pooled"`` pools the routed
-  tokens of every expert of a parameter into one state.
+  gate probabilities (token counts, gate-probability sums and their squares' sums are recorded per expert). An
+  expert's gate and up live in one fused parameter, so they share one state by construction. ``experts="pooled"``
+  pools the routed tokens of every expert of a parameter into one state.
 - Per-expert ``nn.Linear`` experts (SwitchTransformers) are hooked like any Linear: their modules receive only
   their routed tokens (no gate weighting there).
 

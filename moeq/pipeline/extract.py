@@ -315,7 +315,9 @@ def error_weight(e: dict) -> float | None:
     """The weight of an expert entry's per-token error: the sum of its routed tokens' squared gate probabilities,
     else its routed tokens (gate not recorded), else None (no calibration)."""
     g, t = e.get("gate_sq"), e.get("calib_tokens")
-    return float(g) if g is not None and t else None if t is None else float(t)
+    if t is None:
+        return None
+    return float(g) if g is not None and t else float(t)
 
 
 def _token_weights(nested: dict, members: dict[str, list[str]],

@@ -58,11 +58,11 @@ class SharedTable:
 class Stats:
     """Finalized calibration statistics of one weight's input (shared by the weights that read the same input:
     q/k/v, an expert's gate and up). ``tokens``: how many tokens reached it (routed tokens for an expert);
-    ``gate_prob``: the sum of their gate probabilities (experts only), ``gate_sq`` the sum of their squares (an
-    expert's output reaches the residual times its gate probability, so its error counts squared); ``values``: what the accumulators made,
-    by name (``amax``, ``hits``, ``hessian``, ...), also readable as attributes. ``routed``: set when the
-    statistics come from forced routing (``CalibSpec.starved = "route_all"``): the tokens the router itself sent,
-    while ``tokens`` counts every token the expert was run on."""
+    ``gate_prob``: the sum of their gate probabilities (experts only), ``gate_sq`` the sum of their squares (an expert's
+    output reaches the residual times its gate probability, so its error counts squared); ``values``: what the
+    accumulators made, by name (``amax``, ``hits``, ``hessian``, ...), also readable as attributes. ``routed``: set
+    when the statistics come from forced routing (``CalibSpec.starved = "route_all"``): the tokens the router itself
+    sent, while ``tokens`` counts every token the expert was run on."""
 
     tokens: int
     values: dict[str, Any] = field(default_factory=dict)

@@ -24,10 +24,10 @@ Two modes:
     back w - the λ-weighted AVERAGE of deq_r over ``widths``. The averaged residual is dominated by the low widths'
     large errors, so the 8-bit model carries compensation made for 2-bit errors: at the same λ (2/1/1/1/1), on
     SmolLM2-135M (g64, 4 kept columns, 16 windows) it gave r = 8 / 4 / 3 / 2 ppl 14.70 / 15.78 / 24.87 / 4881
-    against per_width's 13.73 / 15.52 / 25.28 / 3384 (int8 13.53, GPTQ-4 15.46); on tiny-moe (32 windows, both with kept columns)
-    averaged 67.52 / 67.53 / 67.53 / 67.79 / 69.54 at r = 8 / 6 / 4 / 3 / 2 against per_width's 67.39 / 67.43 /
-    67.52 / 67.66 / 68.69 (benchmarks/results/matryoshka_tiny-moe{,_averaged}.json). per_width costs R GPTQ
-    states (4.5x the time at 5 widths on SmolLM2).
+    against per_width's 13.73 / 15.52 / 25.28 / 3384 (int8 13.53, GPTQ-4 15.46); on tiny-moe (32 windows, both with
+    kept columns) averaged 67.52 / 67.53 / 67.53 / 67.79 / 69.54 at r = 8 / 6 / 4 / 3 / 2 against per_width's 67.39
+    / 67.43 / 67.52 / 67.66 / 68.69 (benchmarks/results/matryoshka_tiny-moe{,_averaged}.json). per_width costs R
+    GPTQ states (4.5x the time at 5 widths on SmolLM2).
 Scales (and offsets) are rounded to float16 before the codes are chosen, so the codes decode bit-exactly.
 
 Outlier columns (data-driven, ``outliers`` k, default 4): the k inputs of largest mean squared activation (diag H)

@@ -8,9 +8,9 @@ bell-shaped weights are dense) and a = 1 is the uniform grid. Two grids of point
   - ``sym``: k in {-Q, ..., Q}, K = Q, Q = 2^(b-1) - 1: 2^b - 1 levels and a zero, plus one pad entry repeating
     the top level (never chosen by the encoder). At a = 1 it is exactly symmetric absmax int-b quantization.
     Rejected at 2 bits: its levels {-1, 0, 1} do not depend on a.
-Per row and group of inputs, scale = absmax / K rounded to float16, or with ``clip="mse"`` (the data-free default
-at 2 and 3 bits) the range shrunk to the one of least squared error (1.0 .. 0.5 x absmax); a weight is encoded to the NEAREST level (in
-the weight domain, not by rounding |w|^a) and decodes to ``lut[code] * scale`` in float32.
+Per row and group of inputs, scale = absmax / K rounded to float16, or with ``clip="mse"`` (the data-free default at
+2 and 3 bits) the range shrunk to the one of least squared error (1.0 .. 0.5 x absmax); a weight is encoded to the
+NEAREST level (in the weight domain, not by rounding |w|^a) and decodes to ``lut[code] * scale`` in float32.
 
 Two modes:
   - data-free: per 2-D weight (per expert), the exponent minimizing the weight MSE (``search_exponent``: a coarse
@@ -421,7 +421,6 @@ class NupesConfig(GPTQOptions):
             raise ValueError(f"exponent bounds must satisfy 0 < lo < hi, got {self.bounds}")
         return self
 
-
     @property
     def clip_mode(self) -> Literal["absmax", "mse"]:
         """The clip ``auto`` stands for. Data-free at 2 and 3 bits: mse, with the exponent searched for the
@@ -474,12 +473,15 @@ class NupesQuantizer(Quantizer):
     def _uniform_mse(self, w: torch.Tensor, cfg: NupesConfig) -> torch.Tensor:
         return _weight_mse(w, rtn(w, PowerGrid(cfg.bits, 1.0, cfg.grid, cfg.clip_mode), cfg.group_size).deq)
 
-    def _qtensors(self, w, codes, scale, a: list[float], cfg, infos: list[dict]) -> list[QTensor]:
+    def _qtensors(self, w, codes, scale, a: list[float], cfg, infos: list[dict],
+                  uniform_mse: torch.Tensor | None = None) -> list[QTensor]:
         """One QTensor per expert; ``info`` gains the exponent and ``mse_vs_uniform``: the weight MSE over that of
         a = 1 round-to-nearest on the same grid (above 1 in data-driven mode, which trades weight error for
-        output error)."""
+        output error). ``uniform_mse`` [E]: that of a = 1 when the caller has it."""
+        if uniform_mse is None:
+            uniform_mse = self._uniform_mse(w, cfg)
         ratio = (_weight_mse(w, PowerGrid(cfg.bits, tuple(a), cfg.grid, cfg.clip_mode).decode(
-            codes, _col_scale(scale, w.shape[-1], cfg.group_size))) / self._uniform_mse(w, cfg).clamp(min=1e-30))
+            codes, _col_scale(scale, w.shape[-1], cfg.group_size))) / uniform_mse.clamp(min=1e-30))
         out = []
         for e in range(w.shape[0]):
             tensors = {"codes": codes[e], "scale": scale[e].half(), "lut": power_lut(cfg.bits, a[e], cfg.grid)}
@@ -495,15 +497,17 @@ class NupesQuantizer(Quantizer):
         w = w.detach().float()
         a = self._exponents(w, cfg)
         r = rtn(w, PowerGrid(cfg.bits, tuple(a), cfg.grid, cfg.clip_mode), cfg.group_size)
+        uniform = None
         if cfg.clip_mode == "mse" and cfg.exponent is None and any(v != 1.0 for v in a):
             ones = rtn(w, PowerGrid(cfg.bits, 1.0, cfg.grid, "mse"), cfg.group_size)
-            worse = (_weight_mse(w, ones.deq) < _weight_mse(w, r.deq)).tolist()
+            uniform = _weight_mse(w, ones.deq)
+            worse = (uniform < _weight_mse(w, r.deq)).tolist()
             if any(worse):
                 a = [1.0 if x else v for v, x in zip(a, worse)]
                 t = torch.tensor(worse, device=w.device)
                 r.codes[t], r.params["scale"][t] = ones.codes[t], ones.params["scale"][t]
         info = {"mode": "data_free"} if note is None else {"mode": "data_free", "fallback": note}
-        return self._qtensors(w, r.codes, r.params["scale"], a, cfg, [dict(info) for _ in a])
+        return self._qtensors(w, r.codes, r.params["scale"], a, cfg, [dict(info) for _ in a], uniform)
 
     def _gptq(self, w, h, a: list[float], cfg) -> GridResult:
         return gptq(w, h, PowerGrid(cfg.bits, tuple(a), cfg.grid, cfg.clip_mode), group_size=cfg.group_size,
