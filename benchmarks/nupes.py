@@ -48,7 +48,7 @@ from moeq.recipes import Recipe
 from reference import float_reference
 
 DEFAULT_CONFIGS = "4:64,3:64,2:64,4:0,3:0,2:0"
-DEFAULT_METHODS = "rtn,rtn_mse,nupes_df,nupes_dd,gptq,hqq,quanto"
+DEFAULT_METHODS = "rtn,rtn_mse,rtn_absmax,rtn_sym_mse,nupes_df,gptq,hqq,quanto,nupes_dd"
 MOEQ = {"rtn": ("rtn", {}), "rtn_mse": ("rtn", {"clip": "mse"}),
         "rtn_absmax": ("nupes", {"mode": "data_free", "exponent": 1.0, "grid": "sym", "clip": "absmax"}),
         "rtn_sym_mse": ("nupes", {"mode": "data_free", "exponent": 1.0, "grid": "sym", "clip": "mse"}),
@@ -127,19 +127,37 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("-O", "--option", action="append", default=[], help="extra nupes option key=value")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in the JSON (same model, protocol and calibration) and run the rest")
     a = ap.parse_args()
     extra_nupes = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v
                    for k, v in (o.split("=", 1) for o in a.option)}
     base, tok, windows, rb = float_reference(a.model, a.seqlen, a.windows)
+    out = Path(a.json or Path(__file__).parent / "results" / f"nupes_{a.model}.json")
+    head = {"model": a.model, "protocol": rb.describe(), "calibration": f"{a.calib_samples} x {a.seqlen}"}
     rows = [{"config": "float", "method": "-", "options": {}, "ppl": rb.ppl, "ratio": 1.0, "bits_per_param": 32.0,
              "coverage": 1.0, "seconds": 0.0}]
     moeq_params = None
+    if a.resume and out.exists():
+        old = json.loads(out.read_text())
+        if {k: old.get(k) for k in head} != head:
+            raise SystemExit(f"{out} was written for {[old.get(k) for k in head]}, not {list(head.values())}")
+        rows, moeq_params = old["rows"], old.get("moeq_params")
+        print(f"resuming: {len(rows) - 1} rows from {out}", flush=True)
+    done = {(r["config"], r["method"]) for r in rows}
+
+    def save():
+        out.write_text(json.dumps({**head, "moeq_params": moeq_params, "rows": rows}, indent=1) + "\n")
+
     calib = None
     methods = a.methods.split(",")
+    labels = [f"W{b} g{g if g != '0' else 'row'}" for b, g in (c.split(":") for c in a.configs.split(","))]
     for c in a.configs.split(","):
         bits, group = (int(x) for x in c.split(":"))
         label = f"W{bits} g{group or 'row'}"
         for name in methods:
+            if (label, name) in done:
+                continue
             m = copy.deepcopy(base)
             t = time.perf_counter()
             info: dict = {}
@@ -171,11 +189,11 @@ def main():
                 moeq_params = res["quantized_params"] if "quantized_params" in res else moeq_params
                 bpp, coverage = res["bits_per_param"], 1.0
             else:
-                out = peer_hqq(m, bits, group) if name == "hqq" else peer_quanto(m, bits, group)
-                if out is None:
+                peer = peer_hqq(m, bits, group) if name == "hqq" else peer_quanto(m, bits, group)
+                if peer is None:
                     print(f"{label:10s} {name:9s} skipped (no such type)", flush=True)
                     continue
-                params, nbytes = out
+                params, nbytes = peer
                 bpp = 8 * nbytes / params
                 coverage = params / moeq_params if moeq_params else None
             q_s = time.perf_counter() - t
@@ -184,6 +202,7 @@ def main():
                    "ppl": r.ppl, "ratio": r.ppl / rb.ppl, "bits_per_param": round(bpp, 4),
                    "coverage": None if coverage is None else round(coverage, 3), "seconds": round(q_s, 1), **info}
             rows.append(row)
+            save()
             print(f"{label:10s} {name:9s} ppl {r.ppl:14.4f}  x{row['ratio']:10.4f}  {bpp:6.3f} bits/param  "
                   f"coverage {row['coverage']}  {q_s:6.1f}s  {json.dumps(info) if info else ''}", flush=True)
             del m
@@ -191,13 +210,13 @@ def main():
     print(f"{a.model}: {rb.describe()}, calibration {a.calib_samples} x {a.seqlen}")
     print("| config | method | ppl | vs float | bits/param | coverage | quantize s | exponent (median, range) |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    order = {"-": -1, **{m: i for i, m in enumerate(methods)}}
+    for r in sorted(rows, key=lambda r: (labels.index(r["config"]) if r["config"] in labels else -1,
+                                         order.get(r["method"], len(order)))):
         ex = f"{r['exponent_median']} {r['exponent_range']}" if "exponent_median" in r else ""
         print(f"| {r['config']} | {r['method']} | {r['ppl']:.4f} | {r['ratio']:.4f} | {r['bits_per_param']:.3f} | "
               f"{r['coverage']} | {r['seconds']} | {ex} |")
-    out = Path(a.json or Path(__file__).parent / "results" / f"nupes_{a.model}.json")
-    out.write_text(json.dumps({"model": a.model, "protocol": rb.describe(), "calibration": f"{a.calib_samples} x {a.seqlen}",
-                               "rows": rows}, indent=1) + "\n")
+    save()
     print(f"wrote {out}")
 
 
