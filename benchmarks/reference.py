@@ -3,6 +3,7 @@ same run (protocol: gptq, first N windows of the embedded eval split; ../shared/
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -13,8 +14,9 @@ from moeq.models.loader import load_model
 
 
 def float_reference(model: str, seqlen: int, windows: int):
-    """(float model, tokenizer, eval windows, its PplResult), with the float perplexity printed."""
-    torch.set_num_threads(2)
+    """(float model, tokenizer, eval windows, its PplResult), with the float perplexity printed. Threads: 2 (the
+    anchors' machine), or ``OMP_NUM_THREADS`` when set (e.g. 1 each for two benchmarks side by side)."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     base, tok, _ = load_model(model)
     wins = tokenize_windows(tok, load_text("wiki", "eval"), seqlen, windows)
     t = time.perf_counter()
