@@ -80,8 +80,8 @@ def evaluate(model: str, paths: dict[str, Path], rows: list[dict], windows: int)
     from moeq.data.corpus import load_text
     from moeq.eval.perplexity import compare, tokenize_windows
     from moeq.models.loader import load_model
-    from reference import paired_nll
-    torch.set_num_threads(2)
+    from reference import paired_nll, set_threads
+    set_threads()
     base, tok, _ = load_model(model)
     wins = tokenize_windows(tok, load_text("wiki", "eval"), 512, windows or None)
     models = [api.load(str(p), dtype=torch.float32)[0] for p in paths.values()]

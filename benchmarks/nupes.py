@@ -151,10 +151,9 @@ def main():
 
     calib = None
     methods = a.methods.split(",")
-    labels = [f"W{b} g{g if g != '0' else 'row'}" for b, g in (c.split(":") for c in a.configs.split(","))]
-    for c in a.configs.split(","):
-        bits, group = (int(x) for x in c.split(":"))
-        label = f"W{bits} g{group or 'row'}"
+    configs = [tuple(int(x) for x in c.split(":")) for c in a.configs.split(",")]
+    labels = [f"W{bits} g{group or 'row'}" for bits, group in configs]
+    for (bits, group), label in zip(configs, labels):
         for name in methods:
             if (label, name) in done:
                 continue

@@ -25,14 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from moeq import api
 from moeq.data.corpus import load_text
 from moeq.eval.perplexity import compare, tokenize_windows
 from moeq.models.loader import load_model
 from moeq.recipes import Recipe
-from reference import paired_nll
+from reference import paired_nll, set_threads
 
 
 def variants(bits: int) -> dict[str, tuple[str, dict]]:
@@ -51,7 +50,7 @@ def main():
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     bits, group = (int(x) for x in a.config.split(":"))
-    torch.set_num_threads(2)
+    set_threads()
     base, tok, _ = load_model(a.model)
     wins = tokenize_windows(tok, load_text("wiki", "eval"), 512, a.windows or None)
     table = variants(bits)

@@ -13,10 +13,15 @@ from moeq.eval.perplexity import perplexity, tokenize_windows
 from moeq.models.loader import load_model
 
 
-def float_reference(model: str, seqlen: int, windows: int):
-    """(float model, tokenizer, eval windows, its PplResult), with the float perplexity printed. Threads: 2 (the
-    anchors' machine), or ``OMP_NUM_THREADS`` when set (e.g. 1 each for two benchmarks side by side)."""
+def set_threads() -> None:
+    """The quality benchmarks' threads: 2 (the anchors' machine), or ``OMP_NUM_THREADS`` when set (e.g. 1 each for
+    two benchmarks side by side: forcing 2 there oversubscribes the cores and runs ~7x slower)."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+
+
+def float_reference(model: str, seqlen: int, windows: int):
+    """(float model, tokenizer, eval windows, its PplResult), with the float perplexity printed."""
+    set_threads()
     base, tok, _ = load_model(model)
     wins = tokenize_windows(tok, load_text("wiki", "eval"), seqlen, windows)
     t = time.perf_counter()
