@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from moeq import api
 from moeq.data.corpus import load_text
 from moeq.eval.perplexity import compare, tokenize_windows
