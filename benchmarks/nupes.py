@@ -16,7 +16,9 @@ Each config is BITS:GROUP (GROUP 0 = per row). Methods (``--methods``, comma-sep
   nupes_df_absmax  NUPES data-free with absmax scales (``clip=absmax``)
   nupes_df_mse  NUPES data-free with each row's/group's scale MSE-clipped for its exponent (``clip=mse``)
   nupes_df   NUPES data-free: per-weight exponent search, half-integer grid, default clip (mse at 2-3 bits,
-             absmax at 4+: moeq ``nupes``)
+             absmax at 4+: moeq ``nupes``); the exponent searched on absmax scales, then the scales clipped for it
+  nupes_df_joint  the same with each exponent scored on its own clipped scales (``search_scales=clipped``; the
+             default of stop 21-22)
   nupes_dd   NUPES data-driven: GPTQ on the power grid + gradient refinement (moeq ``nupes -O mode=data_driven``)
   gptq       GPTQ on the uniform grid (moeq ``gptq``)
   hqq        HQQLinear(nbits, group_size, fp32 compute) on every nn.Linear but lm_head (hqq 0.2.8)
@@ -55,6 +57,7 @@ MOEQ = {"rtn": ("rtn", {}), "rtn_mse": ("rtn", {"clip": "mse"}),
         "nupes_df_absmax": ("nupes", {"mode": "data_free", "clip": "absmax"}),
         "nupes_df": ("nupes", {"mode": "data_free"}), "nupes_df_sym": ("nupes", {"mode": "data_free", "grid": "sym"}),
         "nupes_df_mse": ("nupes", {"mode": "data_free", "clip": "mse"}),
+        "nupes_df_joint": ("nupes", {"mode": "data_free", "search_scales": "clipped"}),
         "nupes_dd": ("nupes", {"mode": "data_driven"}), "gptq": ("gptq", {})}
 
 

@@ -11,7 +11,7 @@ windows. Variants (``--variants``):
   rtn_absmax   symmetric uniform, absmax scale (nupes a = 1, clip absmax; half grid at 2 bits)
   rtn_sym_mse  the same with MSE-clipped scales (nupes a = 1, clip mse)
   nupes_df_absmax  NUPES data-free, exponent searched, absmax scales
-  nupes_df     NUPES data-free, defaults (clip auto: mse at 2-3 bits, exponent searched jointly with the clip)
+  nupes_df     NUPES data-free, defaults (clip auto: mse at 2-3 bits, exponent searched on absmax scales, then clipped)
   rtn          affine min/max uniform RTN (moeq rtn: a zero point per group)
 Writes benchmarks/results/nupes_paired_<model>_W<b>g<g>.json.
 """

@@ -335,11 +335,28 @@ def test_clip_auto_is_mse_only_for_data_free_below_four_bits():
 
 
 @pytest.mark.parametrize("bits", [2, 3])
-def test_data_free_with_clipped_scales_never_worse_than_uniform_clipped(bits):
-    """With clip=mse (the 2- and 3-bit default; the exponent searched with it) each expert's result is never worse
-    in weight error than a = 1 with the same clipping, and the recorded exponent is the one its codes use."""
+def test_data_free_default_searches_on_absmax_then_clips(bits):
+    """The 2- and 3-bit default: each expert's exponent is the absmax search's (never worse than a = 1 there), its
+    codes and scales those of clip=mse rounding at that exponent, whatever the weight error against clipped a = 1."""
     w = torch.stack([sample(k, (32, 128), seed=9) * 0.05 for k in ("gauss", "uniform", "t3")])
-    qs = Q.quantize_experts(w, Q.Config(bits=bits), [None] * 3)
+    cfg = Q.Config(bits=bits)
+    assert cfg.clip_mode == "mse" and cfg.search_scales == "absmax"
+    qs = Q.quantize_experts(w, cfg, [None] * 3)
+    for e, q in enumerate(qs):
+        a = search_exponent(w[e], bits, "half", 64)
+        r = rtn(w[e], PowerGrid(bits, a, "half", "mse"), 64)
+        assert q.meta["exponent"] == a and torch.equal(Q.dequantize(q), r.deq), e
+        assert torch.equal(q.tensors["codes"], r.codes) and torch.equal(q.tensors["lut"], power_lut(bits, a, "half"))
+    assert qs[1].meta["exponent"] == pytest.approx(1.0, abs=0.1)           # uniform weights: a near 1
+    assert qs[2].meta["exponent"] < 0.8                                     # heavy tails: well below 1
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_data_free_clipped_search_never_worse_than_uniform_clipped(bits):
+    """With search_scales="clipped" (each exponent scored with its own clipped scales) each expert's result is never
+    worse in weight error than a = 1 with the same clipping, and the recorded exponent is the one its codes use."""
+    w = torch.stack([sample(k, (32, 128), seed=9) * 0.05 for k in ("gauss", "uniform", "t3")])
+    qs = Q.quantize_experts(w, Q.Config(bits=bits, search_scales="clipped"), [None] * 3)
     flat = rtn(w, PowerGrid(bits, 1.0, "half", "mse"), 64)
     for e, q in enumerate(qs):
         deq = Q.dequantize(q)

@@ -400,6 +400,11 @@ class NupesConfig(GPTQOptions):
         "auto", description="scale of a row/group: absmax / K, or the clipped range (1.0-0.5 x) of least squared "
                             "error for the chosen exponent (mse); auto = mse for data-free at 2 and 3 bits, else "
                             "absmax (see clip_mode)")
+    search_scales: Literal["absmax", "clipped"] = Field(
+        "absmax", description="data-free: the scales the exponent is searched on. absmax: a* minimizes the weight "
+                              "error at absmax scales (never worse than a = 1 there), then clip=mse clips each "
+                              "row/group for a*; clipped: each candidate a scored with its own clipped scales "
+                              "(lower weight error, higher ppl on SmolLM2 at 3 bits: see clip_mode)")
     mode: Literal["data_free", "data_driven"] = Field(
         "data_free", description="data_free: exponent by weight MSE, round to nearest; data_driven: GPTQ on the "
                                  "power grid + Adam refinement of codes and exponent on the layer output error")
@@ -423,13 +428,14 @@ class NupesConfig(GPTQOptions):
 
     @property
     def clip_mode(self) -> Literal["absmax", "mse"]:
-        """The clip ``auto`` stands for. Data-free at 2 and 3 bits: mse, with the exponent searched for the
-        clipped scales (``search_exponent(clip="mse")``). There the grid is too coarse for the absmax scale: on
-        tiny-moe (every eval window) W2 g64 goes from ppl 72.78 to 71.53 (uniform RTN: absmax 72.55, clipped
-        71.81), W2 per-row from 76.92 to 71.55 (76.15, 71.81), W3 g64 from 68.23 to 68.15 (68.67, 68.55). At
-        4 bits absmax is better (SmolLM2 W4 g64, exponent searched on absmax scales then clipped: 16.86 against
-        16.19), and data-driven mode, whose GPTQ compensates the rounding, was measured with absmax
-        (``benchmarks/results/nupes_clip.md``)."""
+        """The clip ``auto`` stands for. Data-free at 2 and 3 bits: mse, the exponent searched on absmax scales
+        and the scales then clipped for it (``search_scales``). There the grid is too coarse for the absmax scale:
+        on tiny-moe (every eval window) W2 g64 goes from ppl 72.78 to 71.52 (uniform RTN: absmax 72.55, clipped
+        71.81), W2 per-row from 76.92 to 71.73 (76.15, 71.81), W3 g64 from 68.23 to 68.14 (68.67, 68.55). The
+        exponent is not searched with the clipped scales (``search_scales="clipped"``): that lowers the weight
+        error further but not the ppl: SmolLM2 W3 g64 122.0 against 67.2, W3 per row 2,695 against 315.8. At
+        4 bits absmax is better (SmolLM2 W4 g64: 16.86 clipped against 16.19), and data-driven mode, whose GPTQ
+        compensates the rounding, was measured with absmax (``benchmarks/results/nupes_clip.md``)."""
         if self.clip != "auto":
             return self.clip
         return "mse" if self.mode == "data_free" and self.bits <= 3 else "absmax"
@@ -467,8 +473,9 @@ class NupesQuantizer(Quantizer):
     def _exponents(self, w: torch.Tensor, cfg: NupesConfig) -> list[float]:
         if cfg.exponent is not None:
             return [round(cfg.exponent, DIGITS)] * w.shape[0]
-        return [search_exponent(w[e], cfg.bits, cfg.grid, cfg.group_size, cfg.bounds, cfg.search_points,
-                                cfg.clip_mode) for e in range(w.shape[0])]
+        clip = cfg.clip_mode if cfg.search_scales == "clipped" else "absmax"
+        return [search_exponent(w[e], cfg.bits, cfg.grid, cfg.group_size, cfg.bounds, cfg.search_points, clip)
+                for e in range(w.shape[0])]
 
     def _uniform_mse(self, w: torch.Tensor, cfg: NupesConfig) -> torch.Tensor:
         return _weight_mse(w, rtn(w, PowerGrid(cfg.bits, 1.0, cfg.grid, cfg.clip_mode), cfg.group_size).deq)
@@ -491,14 +498,17 @@ class NupesQuantizer(Quantizer):
         return out
 
     def _data_free(self, w: torch.Tensor, cfg: NupesConfig, note: str | None = None) -> list[QTensor]:
-        """Round to nearest at the searched exponent (searched with the same clip). With clipped scales a = 1 is
-        rounded too and kept per expert where its weight error is lower: the search's closed form and the
-        rounding can pick different clips at near-ties, and the result must never be worse than uniform."""
+        """Round to nearest at the searched exponent, with the scales of ``clip_mode``. The search is never worse
+        than a = 1 on the scales it searched on. With ``search_scales="clipped"`` a = 1 is rounded too and kept
+        per expert where its weight error is lower (the search's closed form and the rounding can pick different
+        clips at near-ties). With absmax search and clipped scales the weight error can end above clipped a = 1
+        (``mse_vs_uniform`` > 1, at 2 bits on tiny-moe) while the ppl is lower: the exponent is not replaced."""
         w = w.detach().float()
         a = self._exponents(w, cfg)
         r = rtn(w, PowerGrid(cfg.bits, tuple(a), cfg.grid, cfg.clip_mode), cfg.group_size)
         uniform = None
-        if cfg.clip_mode == "mse" and cfg.exponent is None and any(v != 1.0 for v in a):
+        if cfg.clip_mode == "mse" and cfg.search_scales == "clipped" and cfg.exponent is None \
+                and any(v != 1.0 for v in a):
             ones = rtn(w, PowerGrid(cfg.bits, 1.0, cfg.grid, "mse"), cfg.group_size)
             uniform = _weight_mse(w, ones.deq)
             worse = (uniform < _weight_mse(w, r.deq)).tolist()
