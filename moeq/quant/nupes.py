@@ -397,7 +397,7 @@ class NupesConfig(GPTQOptions):
     group_size: Literal[0, 32, 64, 128] = Field(64, description="inputs per scale group; 0 = one per row")
     grid: Grid = Field("half", description="half: 2^b levels at half-integer points, no zero; sym: -Q..Q (3+ bits)")
     clip: Literal["auto", "absmax", "mse"] = Field(
-        "auto", description="scale of a row/group: absmax / K, or the clipped range (1.0-0.5 x) of least squared "
+        "auto", description="scale of a row/group: absmax / K, or the clipped range (1.00-0.02 x) of least squared "
                             "error for the chosen exponent (mse); auto = mse for data-free at 2 and 3 bits, else "
                             "absmax (see clip_mode)")
     search_scales: Literal["absmax", "clipped"] = Field(
