@@ -12,6 +12,7 @@ windows. Variants (``--variants``):
   rtn_sym_mse  the same with MSE-clipped scales (nupes a = 1, clip mse)
   nupes_df_absmax  NUPES data-free, exponent searched, absmax scales
   nupes_df     NUPES data-free, defaults (clip auto: mse at 2-3 bits, exponent searched on absmax scales, then clipped)
+  nupes_df_joint  the same with each exponent scored on its own clipped scales (search_scales=clipped)
   rtn          affine min/max uniform RTN (moeq rtn: a zero point per group)
 Writes benchmarks/results/nupes_paired_<model>_W<b>g<g>.json.
 """
@@ -37,7 +38,8 @@ def variants(bits: int) -> dict[str, tuple[str, dict]]:
     uniform = {"mode": "data_free", "exponent": 1.0, "grid": "sym" if bits > 2 else "half"}
     return {"rtn_absmax": ("nupes", {**uniform, "clip": "absmax"}), "rtn_sym_mse": ("nupes", {**uniform, "clip": "mse"}),
             "nupes_df_absmax": ("nupes", {"mode": "data_free", "clip": "absmax"}),
-            "nupes_df": ("nupes", {"mode": "data_free"}), "rtn": ("rtn", {})}
+            "nupes_df": ("nupes", {"mode": "data_free"}),
+            "nupes_df_joint": ("nupes", {"mode": "data_free", "search_scales": "clipped"}), "rtn": ("rtn", {})}
 
 
 def main():
@@ -45,7 +47,7 @@ def main():
     ap.add_argument("--model", default="tiny-moe")
     ap.add_argument("--config", default="2:64", help="BITS:GROUP (GROUP 0 = per row)")
     ap.add_argument("--windows", type=int, default=0, help="the first N eval windows (0: all)")
-    ap.add_argument("--variants", default="rtn_absmax,rtn_sym_mse,nupes_df_absmax,nupes_df,rtn")
+    ap.add_argument("--variants", default="rtn_absmax,rtn_sym_mse,nupes_df_absmax,nupes_df,nupes_df_joint,rtn")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     bits, group = (int(x) for x in a.config.split(":"))
